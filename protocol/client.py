@@ -1,0 +1,117 @@
+"""Python client for warmexec (the only module of this package that uses pyzmq).
+
+    from warmexec.protocol import Client
+    with Client() as c:
+        r = c.exec("web1", ["cat", "/etc/hostname"])
+        print(r["exit_code"], r["stdout"])
+
+A DEALER socket, so many requests can be in flight (``submit`` + ``result``). A client
+never waits forever: while a reply is outstanding it pings the supervisor, and raises
+``UNREACHABLE`` when the supervisor stops answering.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any
+
+import zmq
+
+from . import codec, errors
+from .errors import WarmexecError
+from .messages import VERSION
+
+DEFAULT_ENDPOINT = "ipc:///run/warmexec/warmexec.sock"
+LIVENESS = 5.0  # seconds without a reply before the supervisor is pinged
+
+
+def default_endpoint() -> str:
+    return os.environ.get("WARMEXEC_ENDPOINT") or DEFAULT_ENDPOINT
+
+
+class Client:
+    def __init__(self, endpoint: str | None = None, context: zmq.Context | None = None) -> None:
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint or default_endpoint())
+        self._ids = itertools.count(1)
+        self._replies: dict[Any, dict] = {}
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    # ---- requests ----------------------------------------------------------------
+    def submit(self, op: str, **fields: Any) -> int:
+        req_id = next(self._ids)
+        msg = {"v": VERSION, "id": req_id, "op": op}
+        msg.update({k: v for k, v in fields.items() if v is not None})
+        self.sock.send(codec.pack(msg))
+        return req_id
+
+    def result(self, req_id: int, timeout: float | None = None) -> dict:
+        """The reply to req_id; raises WarmexecError for an error reply."""
+        reply = self._wait(req_id, timeout)
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise WarmexecError(err.get("code", errors.INTERNAL), err.get("message", ""))
+        return reply
+
+    def call(self, op: str, timeout: float | None = 10.0, **fields: Any) -> dict:
+        return self.result(self.submit(op, **fields), timeout)
+
+    def exec(self, container: str, argv: list[str], *, env: dict[str, str] | None = None,
+             cwd: str | None = None, user: str | None = None, timeout: float | None = None,
+             stdin: bytes | None = None, capture: int | None = None,
+             privileged: bool | None = None) -> dict:
+        rid = self.submit("exec", container=container, argv=list(argv), env=env, cwd=cwd,
+                          user=user, timeout=timeout, stdin=stdin, capture=capture,
+                          privileged=privileged)
+        return self.result(rid, None)
+
+    def ping(self, timeout: float = 5.0) -> dict:
+        return self.call("ping", timeout)
+
+    def list(self) -> list[dict]:
+        return self.call("list")["containers"]
+
+    def attach(self, name: str, pid: int) -> dict:
+        return self.call("attach", container=name, pid=pid)
+
+    def detach(self, name: str) -> dict:
+        return self.call("detach", container=name)
+
+    # ---- receiving ---------------------------------------------------------------
+    def _recv(self, wait: float) -> dict | None:
+        if not self.sock.poll(int(wait * 1000)):
+            return None
+        msg = codec.unpack_map(self.sock.recv())
+        self._replies[msg.get("id")] = msg
+        return msg
+
+    def _wait(self, req_id: Any, timeout: float | None) -> dict:
+        end = None if timeout is None else time.monotonic() + timeout
+        probe: int | None = None
+        probe_sent = 0.0
+        while req_id not in self._replies:
+            now = time.monotonic()
+            if end is not None and now >= end:
+                raise WarmexecError(errors.TIMEOUT, f"no reply within {timeout}s")
+            wait = LIVENESS if end is None else min(LIVENESS, end - now)
+            if self._recv(wait) is not None:
+                if probe is not None and self._replies.pop(probe, None) is not None:
+                    probe = None
+                continue
+            if probe is None:
+                probe, probe_sent = self.submit("ping"), time.monotonic()
+            elif time.monotonic() - probe_sent >= LIVENESS:
+                raise WarmexecError(errors.UNREACHABLE, "the supervisor is not answering")
+        return self._replies.pop(req_id)

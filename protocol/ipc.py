@@ -1,0 +1,61 @@
+"""Messages between the supervisor and its zygote, workers and spawners.
+
+Each message is one msgpack map in one AF_UNIX SOCK_SEQPACKET datagram, optionally
+carrying file descriptors (SCM_RIGHTS): the pipes of an exec going down, a pidfd or
+a spawner's socket coming up. SEQPACKET keeps message boundaries and, unlike a
+path-based socket, keeps working after the worker has joined another mount namespace.
+
+Received descriptors are close-on-exec (MSG_CMSG_CLOEXEC), so nothing received here
+can leak into a process that a worker later executes.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from typing import Any, Sequence
+
+from .codec import pack, unpack_map
+
+MAX_IPC = (4 << 20) + 1024
+MAX_FDS = 8
+_FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+def send(sock: socket.socket, msg: dict, fds: Sequence[int] = ()) -> None:
+    data = pack(msg)
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
+    """Return (message, fds); (None, []) at end of stream (the peer is gone)."""
+    try:
+        data, anc, _, _ = sock.recvmsg(MAX_IPC, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+    except ConnectionResetError:
+        return None, []
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    if not data:
+        for fd in fds:
+            _close(fd)
+        return None, []
+    return unpack_map(data, MAX_IPC), fds
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,137 @@
+"""Wire schema v1: request validation and reply construction.
+
+Frame layout (see docs/PROTOCOL.md)::
+
+    client (DEALER)            supervisor (ROUTER)
+    [payload]          ->      [identity][payload]
+    client (REQ)
+    [""][payload]      ->      [identity][""][payload]
+
+``payload`` is one msgpack map. Requests carry ``v`` (=1), a client-chosen ``id``
+(echoed in the reply) and ``op``. Every reply carries ``v``, ``id`` and ``ok``; a
+failed request is ``{ok: false, error: {code, message}}`` with a code from
+:mod:`warmexec.protocol.errors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors
+from .errors import WarmexecError
+
+VERSION = 1
+OPS = ("exec", "ping", "list", "attach", "detach")
+
+DEFAULT_CAPTURE = 64 * 1024
+MAX_CAPTURE = 16 << 20
+MAX_STDIN = 1 << 20
+MAX_TIMEOUT = 7 * 24 * 3600.0
+MAX_ARGS = 4096
+MAX_ENV = 4096
+MAX_STR = 128 * 1024
+
+
+def _bad(message: str) -> WarmexecError:
+    return WarmexecError(errors.BAD_REQUEST, message)
+
+
+def _string(value: Any, name: str, *, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise _bad(f"{name} must be a string")
+    if not value and not empty:
+        raise _bad(f"{name} must not be empty")
+    if "\0" in value:
+        raise _bad(f"{name} must not contain NUL")
+    if len(value) > MAX_STR:
+        raise _bad(f"{name} is longer than {MAX_STR} characters")
+    return value
+
+
+def _optional(req: dict, key: str, kind: type | tuple, default: Any) -> Any:
+    value = req.get(key)
+    if value is None:
+        return default
+    # bool is an int subclass: True must not pass as a timeout or a capture size.
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise _bad(f"{key} has the wrong type")
+    return value
+
+
+@dataclass
+class ExecRequest:
+    container: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+    timeout: float | None = None
+    stdin: bytes = b""
+    capture: int = DEFAULT_CAPTURE
+    privileged: bool = False
+
+
+def check_envelope(req: dict) -> tuple[Any, str]:
+    """Validate the fields every request has; return (id, op)."""
+    if req.get("v") != VERSION:
+        raise WarmexecError(errors.UNSUPPORTED_VERSION, f"protocol version must be {VERSION}")
+    op = req.get("op")
+    if op not in OPS:
+        raise _bad(f"unknown op {op!r}" if isinstance(op, str) else "op must be a string")
+    return req.get("id"), op
+
+
+def parse_exec(req: dict) -> ExecRequest:
+    container = _string(req.get("container"), "container")
+    argv = req.get("argv")
+    if not isinstance(argv, list) or not argv:
+        raise _bad("argv must be a non-empty list of strings")
+    if len(argv) > MAX_ARGS:
+        raise _bad(f"argv has more than {MAX_ARGS} entries")
+    argv = [_string(a, "argv entry", empty=i > 0) for i, a in enumerate(argv)]
+    env = _optional(req, "env", dict, {})
+    if len(env) > MAX_ENV:
+        raise _bad(f"env has more than {MAX_ENV} entries")
+    for k, v in env.items():
+        if "=" in _string(k, "env name"):
+            raise _bad("env name must not contain '='")
+        _string(v, f"env {k}", empty=True)
+    cwd = req.get("cwd")
+    if cwd is not None and not _string(cwd, "cwd").startswith("/"):
+        raise _bad("cwd must be an absolute path")
+    user = req.get("user")
+    if user is not None:
+        _string(user, "user")
+    timeout = _optional(req, "timeout", (int, float), None)
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT:
+        raise _bad(f"timeout must be in (0, {MAX_TIMEOUT:.0f}] seconds")
+    stdin = _optional(req, "stdin", bytes, b"")
+    if len(stdin) > MAX_STDIN:
+        raise _bad(f"stdin is larger than {MAX_STDIN} bytes")
+    capture = _optional(req, "capture", int, DEFAULT_CAPTURE)
+    if not 0 <= capture <= MAX_CAPTURE:
+        raise _bad(f"capture must be in [0, {MAX_CAPTURE}]")
+    privileged = _optional(req, "privileged", bool, False)
+    return ExecRequest(container, argv, dict(env), cwd, user,
+                       None if timeout is None else float(timeout), stdin, capture, privileged)
+
+
+def parse_attach(req: dict) -> tuple[str, int]:
+    name = _string(req.get("container"), "container")
+    pid = req.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise _bad("pid must be a positive integer")
+    return name, pid
+
+
+def parse_detach(req: dict) -> str:
+    return _string(req.get("container"), "container")
+
+
+def ok_reply(req_id: Any, **fields: Any) -> dict:
+    return {"v": VERSION, "id": req_id, "ok": True, **fields}
+
+
+def error_reply(req_id: Any, code: str, message: str) -> dict:
+    return {"v": VERSION, "id": req_id, "ok": False, "error": {"code": code, "message": message}}

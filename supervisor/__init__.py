@@ -1,0 +1,1 @@
+"""The supervisor: ZeroMQ front end, container discovery, workers, hooks and metrics."""

@@ -1,0 +1,145 @@
+"""The ``warmexec`` command: ``serve`` runs the supervisor; the rest are clients.
+
+Client commands take ``--endpoint`` (or WARMEXEC_ENDPOINT). ``exec`` passes the
+command's output through and exits with its exit code; warmexec's own errors exit 125
+with the message on stderr, as docker's do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from ..protocol.client import DEFAULT_ENDPOINT, Client, default_endpoint
+from ..protocol.errors import WarmexecError
+
+OWN_ERROR = 125
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except WarmexecError as exc:
+        print(f"warmexec: {exc.code}: {exc.message}", file=sys.stderr)
+        return OWN_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="warmexec", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers()
+
+    s = sub.add_parser("serve", help="run the supervisor (root)")
+    s.add_argument("--runc-root", action="append", dest="roots", metavar="DIR",
+                   help="runc-format state root to watch (repeatable; globs allowed); "
+                        "default: /run/runc, /run/containerd/runc/*, /run/docker/runtime-runc/*")
+    s.add_argument("--endpoint", default=None, help=f"ZeroMQ endpoint to bind (default {DEFAULT_ENDPOINT})")
+    s.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    s.add_argument("--config", metavar="FILE", help="TOML config (hooks, limits)")
+    s.add_argument("--no-container-label", action="store_true",
+                   help="drop the container label from metrics (hosts with thousands of containers)")
+    s.add_argument("--scan-interval", type=float, default=None, help="seconds between state rescans")
+    s.add_argument("--log-level", default="INFO")
+    s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("exec", help="run a command in a container")
+    _endpoint(e)
+    e.add_argument("-u", "--user", help="USER[:GROUP], names or numbers, resolved in the container")
+    e.add_argument("-w", "--workdir", help="working directory inside the container")
+    e.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    e.add_argument("--timeout", type=float, help="kill the command's process group after S seconds")
+    e.add_argument("--privileged", action="store_true", help="all capabilities")
+    e.add_argument("-i", "--interactive", action="store_true", help="send our stdin to the command")
+    e.add_argument("--capture", type=int, help="bytes of stdout/stderr to keep (default 64 KiB each)")
+    e.add_argument("container")
+    e.add_argument("command", nargs=argparse.REMAINDER)
+    e.set_defaults(func=cmd_exec)
+
+    ls = sub.add_parser("ls", help="list active containers and their workers")
+    _endpoint(ls)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+
+    a = sub.add_parser("attach", help="make any process's namespaces an exec target")
+    _endpoint(a)
+    a.add_argument("name")
+    a.add_argument("--pid", type=int, required=True)
+    a.set_defaults(func=lambda args: _simple(args, "attach", args.name, args.pid))
+
+    d = sub.add_parser("detach", help="forget an attached process")
+    _endpoint(d)
+    d.add_argument("name")
+    d.set_defaults(func=lambda args: _simple(args, "detach", args.name))
+
+    pg = sub.add_parser("ping", help="check that the supervisor answers")
+    _endpoint(pg)
+    pg.set_defaults(func=lambda args: _simple(args, "ping"))
+    return p
+
+
+def _endpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default=None, help="supervisor endpoint (default $WARMEXEC_ENDPOINT "
+                                                    f"or {DEFAULT_ENDPOINT})")
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise WarmexecError("BAD_REQUEST", "no command given")
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        env[key] = value if sep else os.environ.get(key, "")
+    stdin = sys.stdin.buffer.read() if args.interactive else None
+    with Client(args.endpoint) as c:
+        r = c.exec(args.container, command, env=env or None, cwd=args.workdir, user=args.user,
+                   timeout=args.timeout, stdin=stdin, capture=args.capture,
+                   privileged=args.privileged or None)
+    sys.stdout.buffer.write(r["stdout"])
+    sys.stdout.flush()
+    sys.stderr.buffer.write(r["stderr"])
+    if r.get("timed_out"):
+        print(f"warmexec: timed out after {args.timeout}s", file=sys.stderr)
+    return r["exit_code"]
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with Client(args.endpoint) as c:
+        rows = c.list()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    fmt = "{:<24} {:>8} {:<9} {:>10} {:>8} {:>8}"
+    print(fmt.format("CONTAINER", "PID", "WORKER", "WORKER_PID", "INFLIGHT", "RESTARTS"))
+    for r in rows:
+        print(fmt.format(r["id"], r["pid"], r["state"], r["worker_pid"] or "-", r["inflight"], r["restarts"]))
+    return 0
+
+
+def _simple(args: argparse.Namespace, op: str, name: str | None = None, pid: int | None = None) -> int:
+    with Client(args.endpoint) as c:
+        r = c.call(op, container=name, pid=pid)
+    if op == "ping":
+        print(f"supervisor pid {r['pid']} answering at {args.endpoint or default_endpoint()}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import load_config  # noqa: PLC0415 - client commands need none of this
+    from .run import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    return serve(args, load_config(args.config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Per-container runtime state: the worker's lifecycle and the spawners it made.
+
+The worker's life is an explicit state machine. Every change goes through
+``_transition`` which checks the edge against ``TRANSITIONS``, stamps the time and
+emits one event. BACKOFF spaces out restarts of a worker that keeps dying; FATAL stops
+a container whose namespaces cannot be joined from respawning in a hot loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from enum import IntEnum
+from typing import Any, Callable
+
+from .discovery import Container
+from .execs import Exec
+
+
+class State(IntEnum):
+    STARTING = 10  # fork asked of the zygote
+    JOINING = 20  # forked, joining the container
+    READY = 30
+    BACKOFF = 40  # died while the container lives; restart pending
+    EXITED = 50  # the container is gone
+    FATAL = 60  # failed too often; no more restarts
+
+
+TRANSITIONS = {
+    State.STARTING: {State.JOINING, State.BACKOFF, State.EXITED},
+    State.JOINING: {State.READY, State.BACKOFF, State.EXITED},
+    State.READY: {State.BACKOFF, State.EXITED},
+    State.BACKOFF: {State.STARTING, State.FATAL, State.EXITED},
+    State.FATAL: {State.EXITED},
+    State.EXITED: set(),
+}
+
+MAX_FAILURES = 5
+BACKOFF_BASE = 0.1
+BACKOFF_MAX = 5.0
+
+
+class Spawner:
+    """One warm spawner process: one credential profile in one container."""
+
+    def __init__(self, key: tuple[str, bool]) -> None:
+        self.key = key
+        self.sock: socket.socket | None = None
+        self.pid: int | None = None
+        self.waiting: list[Exec] = []  # until the spawner is ready
+        self.inflight: dict[int, Exec] = {}
+        self.last_used = time.monotonic()
+        self.error = ""  # why it failed to set up, if it said
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class Runtime:
+    def __init__(self, info: Container, init_pidfd: int, emit: Callable[..., None]) -> None:
+        self.info = info
+        self.init_pidfd = init_pidfd
+        self.emit = emit
+        self.state = State.STARTING
+        self.since = time.monotonic()
+        self.sock: socket.socket | None = None
+        self.worker_pid: int | None = None
+        self.failures = 0
+        self.restarts = 0
+        self.last_error = ""
+        self.retry_at = 0.0
+        self.spawners: dict[tuple[str, bool], Spawner] = {}
+        self.waiting: list[Exec] = []  # until the worker is ready
+        self.oom_seen = oom_kills(info)
+
+    @property
+    def name(self) -> str:
+        return self.info.id
+
+    def transition(self, new: State, reason: str = "") -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"worker {self.name}: illegal transition {self.state.name} -> {new.name}")
+        old, self.state, self.since = self.state, new, time.monotonic()
+        if new == State.READY:
+            self.failures = 0
+        elif new == State.BACKOFF:
+            self.failures += 1
+            self.last_error = reason or self.last_error
+            self.retry_at = self.since + min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.failures - 1))
+        self.emit("worker.state", container=self.name, old=old.name, new=new.name, reason=reason)
+
+    def inflight(self) -> int:
+        return len(self.waiting) + sum(len(s.waiting) + len(s.inflight) for s in self.spawners.values())
+
+    def close(self) -> None:
+        for sp in self.spawners.values():
+            sp.close()
+        self.spawners.clear()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.init_pidfd >= 0:
+            os.close(self.init_pidfd)
+            self.init_pidfd = -1
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.name, "pid": self.info.init_pid, "source": self.info.source,
+                "state": self.state.name, "worker_pid": self.worker_pid,
+                "spawners": len(self.spawners), "inflight": self.inflight(),
+                "restarts": self.restarts, "last_error": self.last_error or None}
+
+
+def oom_kills(info: Container) -> int:
+    """The container's memory cgroup OOM-kill counter (v2 memory.events, v1 oom_control)."""
+    for procs in info.cgroup_procs:
+        d = os.path.dirname(procs)
+        for name in ("memory.events", "memory.oom_control"):
+            try:
+                with open(os.path.join(d, name)) as f:
+                    for line in f:
+                        if line.startswith("oom_kill "):
+                            return int(line.split()[1])
+            except OSError:
+                continue
+    return 0

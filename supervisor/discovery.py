@@ -1,0 +1,246 @@
+"""Finding containers and what an exec into each must get.
+
+A runc-format state root holds ``<root>/<id>/state.json`` (libcontainer's state: init
+pid and start time, cgroup paths, namespace paths, the container config) and points at
+the OCI bundle, whose ``config.json`` has the ``process`` section that ``runc exec``
+starts from (env, cwd, user, capabilities, rlimits, noNewPrivileges). The result is a
+:class:`Container`, plain data that travels to the worker as its spec.
+
+``from_pid`` builds the same for any process (``attach NAME --pid PID``): the exec then
+gets that process's own namespaces, cgroups and credentials.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..protocol.caps import CAP_NAMES
+
+DEFAULT_ROOTS = ("/run/runc", "/run/containerd/runc/*", "/run/docker/runtime-runc/*")
+NS_NAMES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time")
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_CAP_KEYS = ("bounding", "effective", "permitted", "inheritable", "ambient")
+
+
+class DiscoveryError(Exception):
+    pass
+
+
+@dataclass
+class Container:
+    id: str
+    init_pid: int
+    init_start: int | None
+    namespaces: list[str]
+    cgroup_procs: list[str]
+    process: dict
+    source: str  # state root, or "attach"
+    labels: dict = field(default_factory=dict)
+    keyring: str | None = None
+
+    def spec(self) -> dict:
+        """What the worker needs, as a msgpack-able map."""
+        return {"id": self.id, "init_pid": self.init_pid, "init_start": self.init_start,
+                "namespaces": self.namespaces, "cgroup_procs": self.cgroup_procs,
+                "process": self.process, "keyring": self.keyring}
+
+
+def expand_roots(patterns: list[str]) -> list[str]:
+    roots: list[str] = []
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]:
+            if os.path.isdir(path) and path not in roots:
+                roots.append(path)
+    return roots
+
+
+def scan(root: str) -> dict[str, str]:
+    """Container id -> state.json path for every container under a root."""
+    found = {}
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return found
+    for name in names:
+        path = os.path.join(root, name, "state.json")
+        if os.path.isfile(path):
+            found[name] = path
+    return found
+
+
+def joinable_namespaces(pid: int) -> list[str]:
+    """Namespaces of pid that differ from ours: only those are joined."""
+    out = []
+    for name in NS_NAMES:
+        try:
+            theirs = os.stat(f"/proc/{pid}/ns/{name}").st_ino
+            ours = os.stat(f"/proc/self/ns/{name}").st_ino
+        except FileNotFoundError:
+            continue  # kernel without that namespace type
+        except OSError as exc:
+            raise DiscoveryError(f"cannot read namespaces of pid {pid}: {exc.strerror}") from None
+        if theirs != ours:
+            out.append(name)
+    return out
+
+
+def _procs_files(dirs: list[str]) -> list[str]:
+    out = []
+    for d in dirs:
+        path = os.path.join(d, "cgroup.procs")
+        real = os.path.realpath(path)
+        if os.path.exists(real) and real not in out:
+            out.append(real)
+    return out
+
+
+def from_state(root: str, cid: str, state_path: str) -> Container:
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DiscoveryError(f"{state_path}: {exc}") from None
+    cfg = state.get("config") or {}
+    labels = dict(l.split("=", 1) for l in cfg.get("labels") or [] if "=" in l)
+    oci = _load_bundle(labels.get("bundle"))
+    pid = state.get("init_process_pid")
+    if not isinstance(pid, int) or pid <= 0:
+        raise DiscoveryError(f"{state_path}: no init pid")
+    process = _process(oci.get("process") or {}, cfg)
+    annotations = oci.get("annotations") or {}
+    return Container(
+        id=cid, init_pid=pid, init_start=state.get("init_process_start"),
+        namespaces=joinable_namespaces(pid),
+        cgroup_procs=_procs_files(list((state.get("cgroup_paths") or {}).values())),
+        process=process, source=root, labels={**labels, **annotations},
+        keyring=None if cfg.get("no_new_keyring") else f"_ses.{cid}")
+
+
+def _load_bundle(bundle: str | None) -> dict:
+    if not bundle:
+        return {}
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}  # bundle gone: fall back to the libcontainer config in state.json
+
+
+def _process(proc: dict, cfg: dict) -> dict:
+    """The exec defaults, from the OCI process section, else libcontainer's config."""
+    user = proc.get("user") or {}
+    caps = proc.get("capabilities") or {k.lower(): v for k, v in (cfg.get("capabilities") or {}).items()}
+    rlimits = [[r["type"], r["soft"], r["hard"]] for r in proc.get("rlimits") or []]
+    if not rlimits:
+        rlimits = [[_RLIMIT_NAMES.get(r.get("type"), ""), r.get("soft"), r.get("hard")]
+                   for r in cfg.get("rlimits") or []]
+    umask = user.get("umask", cfg.get("umask"))
+    return {
+        "user": {"uid": user.get("uid", 0), "gid": user.get("gid", 0),
+                 "additional_gids": user.get("additionalGids") or []},
+        "env": proc.get("env") or [DEFAULT_PATH],
+        "cwd": proc.get("cwd") or "/",
+        "caps": {k: caps.get(k) or [] for k in _CAP_KEYS},
+        "no_new_privs": bool(proc.get("noNewPrivileges", cfg.get("no_new_privileges", False))),
+        "rlimits": [r for r in rlimits if r[0]],
+        "umask": 0o022 if umask is None else umask,
+        "oom_score_adj": proc.get("oomScoreAdj", cfg.get("oom_score_adj")),
+    }
+
+
+_RLIMIT_NAMES = {i: n for i, n in enumerate(
+    "RLIMIT_CPU RLIMIT_FSIZE RLIMIT_DATA RLIMIT_STACK RLIMIT_CORE RLIMIT_RSS RLIMIT_NPROC "
+    "RLIMIT_NOFILE RLIMIT_MEMLOCK RLIMIT_AS RLIMIT_LOCKS RLIMIT_SIGPENDING RLIMIT_MSGQUEUE "
+    "RLIMIT_NICE RLIMIT_RTPRIO RLIMIT_RTTIME".split())}
+
+
+# ---- attach: any process, of any runtime ------------------------------------------
+
+def from_pid(name: str, pid: int) -> Container:
+    try:
+        status = _status(pid)
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = [e.decode(errors="replace") for e in f.read().split(b"\0") if e]
+        start = start_time(pid)
+        cgroups = _host_cgroup_dirs(pid)
+        limits = _limits(pid)
+    except OSError as exc:
+        raise DiscoveryError(f"cannot inspect pid {pid}: {exc.strerror}") from None
+    uids, gids = status["Uid"].split(), status["Gid"].split()
+    caps = {k: _cap_names(int(status["Cap" + k[:3].capitalize()], 16)) for k in _CAP_KEYS}
+    caps["bounding"] = _cap_names(int(status["CapBnd"], 16))
+    process = {
+        "user": {"uid": int(uids[1]), "gid": int(gids[1]),
+                 "additional_gids": [int(g) for g in status.get("Groups", "").split()]},
+        "env": env or [DEFAULT_PATH], "cwd": "/", "caps": caps,
+        "no_new_privs": status.get("NoNewPrivs", "0").strip() == "1",
+        "rlimits": limits, "umask": int(status.get("Umask", "0022"), 8), "oom_score_adj": None,
+    }
+    return Container(id=name, init_pid=pid, init_start=start, namespaces=joinable_namespaces(pid),
+                     cgroup_procs=_procs_files(cgroups), process=process, source="attach")
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def start_time(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return int(data[data.rindex(b")") + 2:].split()[19])
+
+
+def _cap_names(mask: int) -> list[str]:
+    return [n for i, n in enumerate(CAP_NAMES) if mask >> i & 1]
+
+
+_LIMIT_ROWS = {"Max cpu time": "RLIMIT_CPU", "Max file size": "RLIMIT_FSIZE",
+               "Max data size": "RLIMIT_DATA", "Max stack size": "RLIMIT_STACK",
+               "Max core file size": "RLIMIT_CORE", "Max processes": "RLIMIT_NPROC",
+               "Max open files": "RLIMIT_NOFILE", "Max locked memory": "RLIMIT_MEMLOCK",
+               "Max address space": "RLIMIT_AS", "Max msgqueue size": "RLIMIT_MSGQUEUE"}
+
+
+def _limits(pid: int) -> list[list]:
+    out = []
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            for label, name in _LIMIT_ROWS.items():
+                if line.startswith(label):
+                    soft, hard = line[len(label):].split()[:2]
+                    out.append([name, _limit(soft), _limit(hard)])
+    return out
+
+
+def _limit(text: str) -> int:
+    return 2**64 - 1 if text == "unlimited" else int(text)
+
+
+def _host_cgroup_dirs(pid: int) -> list[str]:
+    """Host paths of pid's cgroups, from /proc/PID/cgroup and our mountinfo."""
+    mounts: dict[str, tuple[str, str]] = {}  # controller set ("" for v2) -> (root, mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, _, opts = right.split()[:3]
+            root, point = left.split()[3:5]
+            if fstype == "cgroup2":
+                mounts.setdefault("", (root, point))
+            elif fstype == "cgroup":
+                ctl = ",".join(sorted(o for o in opts.split(",")
+                                      if o not in ("rw", "ro", "nosuid", "nodev", "noexec", "relatime")))
+                mounts.setdefault(ctl, (root, point))
+    dirs = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, ctl, path = line.rstrip("\n").split(":", 2)
+            key = ",".join(sorted(ctl.split(","))) if ctl else ""
+            if key in mounts:
+                root, point = mounts[key]
+                rel = path[len(root):] if root != "/" and path.startswith(root) else path
+                dirs.append(point + rel)
+    return dirs

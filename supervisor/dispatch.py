@@ -1,0 +1,409 @@
+"""Routing execs: container table, workers, spawners, and the life of each exec.
+
+Path of one exec (docs/ARCHITECTURE.md draws it)::
+
+    submit -> route -> [worker READY?] -> [spawner for (user, privileged)?] -> send_spawn
+           -> "started" (pid known: start hooks, spawn latency)
+           -> "exited"  (wait status: reply, exit hooks, metrics)
+
+Every exec ends in exactly one reply through ``finish``; every way a part can die
+(worker, spawner, container, timeout) ends there too, with a stable error code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from typing import Any, Callable
+
+from ..protocol import errors, ipc, messages
+from ..protocol.errors import WarmexecError
+from . import discovery, status
+from .containers import MAX_FAILURES, Runtime, Spawner, State, oom_kills
+from .execs import Exec, Stream
+
+log = logging.getLogger("warmexec")
+
+KILL_GRACE = 2.0  # after a timeout kill, how long the spawner has to report the exit
+SPAWNER_IDLE = 60.0  # non-default spawners unused this long are let go
+
+
+class Dispatcher:
+    def __init__(self, loop: Any, zygote: Any, reply: Callable[[list[bytes], dict], None],
+                 metrics: Any, hooks: Any, max_inflight: int, max_per_container: int) -> None:
+        self.loop = loop
+        self.zygote = zygote
+        self.send_reply = reply
+        self.metrics = metrics
+        self.hooks = hooks
+        self.max_inflight = max_inflight
+        self.max_per_container = max_per_container
+        self.containers: dict[str, Runtime] = {}
+        self.forks: dict[int, Runtime] = {}
+        self.spawner_requests: dict[int, tuple[Runtime, Spawner]] = {}
+        self.tags = itertools.count(1)
+        self.skipped: dict[str, float] = {}  # state.json path -> mtime seen unusable
+        self.devnull_r = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self.devnull_w = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+        self.loop.call_at(time.monotonic() + SPAWNER_IDLE, self.sweep_spawners)
+
+    # ---- events ------------------------------------------------------------------
+    def emit(self, topic: str, **fields: Any) -> None:
+        log.info("%s %s", topic, " ".join(f"{k}={v}" for k, v in fields.items()))
+        if self.metrics is not None:
+            self.metrics.event(topic, fields)
+
+    def count_error(self, code: str) -> None:
+        if self.metrics is not None:
+            self.metrics.error(code)
+
+    # ---- containers --------------------------------------------------------------
+    def sync_discovered(self, seen: dict[str, tuple[str, str]]) -> None:
+        for name, rt in list(self.containers.items()):
+            if rt.info.source != "attach" and name not in seen:
+                self.remove(rt, "state removed")
+        for cid, (root, path) in seen.items():
+            if cid in self.containers:
+                continue
+            try:
+                mtime = os.stat(path).st_mtime
+            except OSError:
+                continue
+            if self.skipped.get(path) == mtime:
+                continue
+            try:
+                self.add(discovery.from_state(root, cid, path))
+                self.skipped.pop(path, None)
+            except (discovery.DiscoveryError, OSError) as exc:
+                self.skipped[path] = mtime  # e.g. a stopped container: retry if it changes
+                log.debug("skipping %s: %s", cid, exc)
+
+    def add(self, info: discovery.Container) -> Runtime:
+        pidfd = os.pidfd_open(info.init_pid)
+        if info.init_start is not None and discovery.start_time(info.init_pid) != info.init_start:
+            os.close(pidfd)
+            raise discovery.DiscoveryError(f"{info.id}: init pid {info.init_pid} was reused")
+        rt = Runtime(info, pidfd, self.emit)
+        self.containers[info.id] = rt
+        self.loop.add(pidfd, lambda _m: self.remove(rt, "container exited"))
+        self.emit("container.added", container=info.id, pid=info.init_pid, source=info.source)
+        self.start_worker(rt)
+        return rt
+
+    def attach(self, name: str, pid: int) -> None:
+        if name in self.containers:
+            raise WarmexecError(errors.EXISTS, f"a container named {name} is already active")
+        try:
+            self.add(discovery.from_pid(name, pid))
+        except (discovery.DiscoveryError, OSError) as exc:
+            raise WarmexecError(errors.NO_SUCH_CONTAINER, f"cannot attach pid {pid}: {exc}") from None
+
+    def detach(self, name: str) -> None:
+        rt = self.containers.get(name)
+        if rt is None or rt.info.source != "attach":
+            raise errors.no_such_container(name)
+        self.remove(rt, "detached")
+
+    def remove(self, rt: Runtime, reason: str) -> None:
+        if self.containers.get(rt.name) is not rt:
+            return
+        del self.containers[rt.name]
+        rt.transition(State.EXITED, reason)
+        code = errors.CONTAINER_EXITED
+        for ex in list(rt.waiting):
+            self.fail(ex, code, f"container {rt.name} exited ({reason})")
+        for sp in list(rt.spawners.values()):
+            self.drop_spawner(rt, sp, code, f"container {rt.name} exited ({reason})")
+        self.loop.remove(rt.init_pidfd)
+        if rt.sock is not None:
+            self.loop.remove(rt.sock.fileno())
+        rt.close()
+        self.emit("container.removed", container=rt.name, reason=reason)
+
+    def describe(self) -> list[dict]:
+        return [rt.describe() for rt in self.containers.values()]
+
+    # ---- workers -----------------------------------------------------------------
+    def start_worker(self, rt: Runtime) -> None:
+        if rt.state == State.BACKOFF:
+            rt.transition(State.STARTING)
+        tag = next(self.tags)
+        self.forks[tag] = rt
+        self.zygote.fork(tag, rt.info.spec())
+
+    def on_zygote(self) -> None:
+        msg, fds = ipc.recv(self.zygote.sock)
+        if msg is None:
+            raise RuntimeError("the zygote died: no worker can be started any more")
+        rt = self.forks.pop(msg.get("tag"), None)
+        if rt is None or rt.state == State.EXITED:
+            for fd in fds:
+                os.close(fd)  # its container went away meanwhile: the worker sees EOF
+            return
+        if not fds:
+            return self.worker_lost(rt, f"fork failed: {msg.get('error')}")
+        rt.sock = socket.socket(fileno=fds[0])
+        rt.worker_pid = msg["pid"]
+        rt.transition(State.JOINING)
+        self.loop.add(fds[0], lambda _m: self.on_worker(rt))
+
+    def on_worker(self, rt: Runtime) -> None:
+        msg, fds = ipc.recv(rt.sock)
+        if msg is None:
+            return self.worker_lost(rt, rt.last_error or "worker exited")
+        op = msg.get("op")
+        if op == "ready":
+            rt.transition(State.READY)
+            if self.metrics is not None:
+                self.metrics.warmup(time.monotonic() - rt.since)
+            waiting, rt.waiting = rt.waiting, []
+            for ex in waiting:
+                self.route(rt, ex)
+        elif op == "fatal":
+            rt.last_error = msg.get("message", "")
+        elif op == "spawner":
+            self.on_spawner_made(rt, msg, fds)
+        elif op == "container_exited":
+            self.remove(rt, "container exited")
+
+    def worker_lost(self, rt: Runtime, reason: str) -> None:
+        if rt.sock is not None:
+            self.loop.remove(rt.sock.fileno())
+            rt.sock.close()
+            rt.sock = None
+        rt.worker_pid = None
+        for tag, (owner, sp) in list(self.spawner_requests.items()):
+            if owner is rt:
+                del self.spawner_requests[tag]
+                self.drop_spawner(rt, sp, errors.WORKER_LOST, f"worker lost: {reason}")
+        if not _alive(rt.init_pidfd):
+            return self.remove(rt, "container exited")
+        rt.transition(State.BACKOFF, reason)
+        rt.restarts += 1
+        if self.metrics is not None:
+            self.metrics.worker_restart()
+        if rt.failures >= MAX_FAILURES:
+            rt.transition(State.FATAL, reason)
+            for ex in rt.waiting:
+                self.fail(ex, errors.WORKER_UNAVAILABLE, f"cannot join container {rt.name}: {reason}")
+            rt.waiting = []
+            return
+        self.loop.call_at(rt.retry_at, lambda: rt.state == State.BACKOFF and self.start_worker(rt))
+
+    # ---- spawners ----------------------------------------------------------------
+    def on_spawner_made(self, rt: Runtime, msg: dict, fds: list[int]) -> None:
+        _, sp = self.spawner_requests.pop(msg.get("tag"), (None, None))
+        if sp is None:
+            for fd in fds:
+                os.close(fd)
+            return
+        if not msg.get("ok") or not fds:
+            return self.drop_spawner(rt, sp, msg.get("code", errors.SPAWN_FAILED), msg.get("message", ""))
+        sp.sock = socket.socket(fileno=fds[0])
+        sp.pid = msg.get("pid")
+        self.loop.add(fds[0], lambda _m: self.on_spawner(rt, sp))
+        waiting, sp.waiting = sp.waiting, []
+        for ex in waiting:
+            self.send_spawn(rt, sp, ex)
+
+    def drop_spawner(self, rt: Runtime, sp: Spawner, code: str, message: str) -> None:
+        if rt.spawners.get(sp.key) is sp:
+            del rt.spawners[sp.key]
+        if sp.sock is not None:
+            self.loop.remove(sp.sock.fileno())
+            sp.close()
+        for ex in [*sp.waiting, *sp.inflight.values()]:
+            self.fail(ex, code, message)
+        sp.waiting, sp.inflight = [], {}
+
+    def on_spawner(self, rt: Runtime, sp: Spawner) -> None:
+        msg, fds = ipc.recv(sp.sock)
+        if msg is None:
+            dead = not _alive(rt.init_pidfd)
+            code = errors.CONTAINER_EXITED if dead else errors.WORKER_LOST
+            why = "container exited" if dead else (sp.error or "spawner exited")
+            return self.drop_spawner(rt, sp, code, f"{rt.name}: {why}")
+        op = msg.get("op")
+        ex = sp.inflight.get(msg.get("id"))
+        if op == "started" and ex is not None:
+            ex.started = time.monotonic()
+            if fds:
+                ex.pid, ex.container_pid = pidfd_pids(fds[0])
+            if self.metrics is not None:
+                self.metrics.spawned(rt.name, ex.started - ex.received)
+            self.hook("start", rt, ex)
+        elif op == "failed" and ex is not None:
+            del sp.inflight[ex.exec_id]
+            code, message, exit_code = status.spawn_failure(msg.get("errno", 0), msg.get("stage", ""),
+                                                            ex.req.argv[0], ex.req.cwd)
+            if exit_code is None:
+                self.fail(ex, code, message)
+            else:
+                self.finish(ex, rt, messages.ok_reply(
+                    ex.req_id, exit_code=exit_code, signal=None, core_dumped=False, pid=None,
+                    container_pid=None, stdout=b"", stderr=f"warmexec: {message}\n".encode(),
+                    truncated=False, timed_out=False, oom_killed=False, rusage=None,
+                    timings=ex.timings(time.monotonic()), exec_error={"code": code, "message": message}))
+        elif op == "exited" and ex is not None:
+            del sp.inflight[ex.exec_id]
+            oom = False
+            if os.WIFSIGNALED(msg["status"]) and os.WTERMSIG(msg["status"]) == signal.SIGKILL:
+                count = oom_kills(rt.info)
+                oom, rt.oom_seen = count > rt.oom_seen and not ex.timed_out, count
+            rusage = {"utime": msg["utime"], "stime": msg["stime"], "maxrss_kb": msg["maxrss"]}
+            self.finish(ex, rt, messages.ok_reply(ex.req_id, **ex.result(msg["status"], rusage, oom)))
+        elif op == "fatal":
+            sp.error = msg.get("message", "")
+        for fd in fds:
+            os.close(fd)
+
+    def sweep_spawners(self) -> None:
+        now = time.monotonic()
+        for rt in self.containers.values():
+            for sp in list(rt.spawners.values()):
+                idle = not sp.inflight and not sp.waiting and now - sp.last_used > SPAWNER_IDLE
+                if idle and sp.key != ("", False) and sp.sock is not None:
+                    self.drop_spawner(rt, sp, errors.INTERNAL, "idle")
+        self.loop.call_at(now + SPAWNER_IDLE, self.sweep_spawners)
+
+    # ---- execs -------------------------------------------------------------------
+    def total_inflight(self) -> int:
+        return sum(rt.inflight() for rt in self.containers.values())
+
+    def submit(self, envelope: list[bytes], req_id: Any, req: messages.ExecRequest) -> None:
+        rt = self.containers.get(req.container)
+        if rt is None:
+            raise errors.no_such_container(req.container)
+        if rt.state == State.FATAL:
+            raise WarmexecError(errors.WORKER_UNAVAILABLE,
+                                f"cannot join container {rt.name}: {rt.last_error}")
+        if rt.inflight() >= self.max_per_container or self.total_inflight() >= self.max_inflight:
+            raise WarmexecError(errors.BUSY, "too many execs in flight; retry later")
+        ex = Exec(envelope, req_id, req)
+        if ex.deadline is not None:
+            self.loop.call_at(ex.deadline, lambda: self.on_timeout(rt, ex))
+        self.route(rt, ex)
+
+    def route(self, rt: Runtime, ex: Exec) -> None:
+        if rt.state != State.READY:
+            rt.waiting.append(ex)
+            return
+        key = (ex.req.user or "", ex.req.privileged)
+        sp = rt.spawners.get(key)
+        if sp is None:
+            sp = rt.spawners[key] = Spawner(key)
+            tag = next(self.tags)
+            self.spawner_requests[tag] = (rt, sp)
+            ipc.send(rt.sock, {"op": "spawner", "tag": tag, "user": ex.req.user,
+                               "privileged": ex.req.privileged})
+        if sp.sock is None:
+            sp.waiting.append(ex)
+        else:
+            self.send_spawn(rt, sp, ex)
+
+    def send_spawn(self, rt: Runtime, sp: Spawner, ex: Exec) -> None:
+        child = ex.open_stdio(self.devnull_r, self.devnull_w)
+        req = ex.req
+        try:
+            ipc.send(sp.sock, {"op": "spawn", "id": ex.exec_id, "argv": req.argv,
+                               "env": req.env, "cwd": req.cwd}, child)
+        except OSError as exc:
+            ex.close()
+            return self.fail(ex, errors.WORKER_LOST, f"spawner unreachable: {exc.strerror}")
+        finally:
+            for fd in child:
+                if fd not in (self.devnull_r, self.devnull_w):
+                    os.close(fd)
+        ex.dispatched = sp.last_used = time.monotonic()
+        ex.spawner = sp
+        sp.inflight[ex.exec_id] = ex
+        for stream in ex.streams:
+            self.loop.add(stream.fd, lambda _m, s=stream: self.on_output(s))
+        if ex.stdin_fd >= 0 and not ex.write_stdin():
+            self.loop.add(ex.stdin_fd, lambda _m: self.on_stdin(ex), select.EPOLLOUT)
+
+    def on_output(self, stream: Stream) -> None:
+        if stream.read(budget=1 << 20):
+            self.loop.remove(stream.fd)
+            stream.close()
+
+    def on_stdin(self, ex: Exec) -> None:
+        fd = ex.stdin_fd
+        if ex.write_stdin():
+            self.loop.remove(fd)
+
+    def on_timeout(self, rt: Runtime, ex: Exec) -> None:
+        if ex.done:
+            return
+        sp = ex.spawner
+        if sp is None or ex.exec_id not in sp.inflight:  # still waiting for a worker
+            for queue in (rt.waiting, *(s.waiting for s in rt.spawners.values())):
+                if ex in queue:
+                    queue.remove(ex)
+            return self.fail(ex, errors.TIMEOUT, f"no worker was ready within {ex.req.timeout}s")
+        ex.timed_out = True
+        try:
+            ipc.send(sp.sock, {"op": "kill", "id": ex.exec_id, "signal": signal.SIGKILL})
+        except OSError:
+            pass
+        self.loop.call_at(time.monotonic() + KILL_GRACE, lambda: self._kill_overdue(sp, ex))
+
+    def _kill_overdue(self, sp: Spawner, ex: Exec) -> None:
+        if not ex.done:
+            sp.inflight.pop(ex.exec_id, None)
+            self.fail(ex, errors.WORKER_LOST, "the spawner did not report the killed process")
+
+    def hook(self, kind: str, rt: Runtime, ex: Exec, result: dict | None = None) -> None:
+        if self.hooks is not None:
+            self.hooks.fire(kind, rt, ex, result)
+
+    def fail(self, ex: Exec, code: str, message: str) -> None:
+        self.finish(ex, None, messages.error_reply(ex.req_id, code, message))
+
+    def finish(self, ex: Exec, rt: Runtime | None, reply: dict) -> None:
+        if ex.done:
+            return
+        ex.done = True
+        if ex.stdin_fd >= 0:
+            self.loop.remove(ex.stdin_fd)
+        for s in ex.streams:
+            if s.fd >= 0:
+                self.loop.remove(s.fd)
+        ex.close()
+        self.send_reply(ex.envelope, reply)
+        if self.metrics is not None:
+            self.metrics.finished(ex, reply)
+        if rt is not None and reply.get("ok") and reply.get("pid") is not None:
+            self.hook("exit", rt, ex, reply)
+
+    def close(self) -> None:
+        for rt in list(self.containers.values()):
+            self.remove(rt, "supervisor stopping")
+        os.close(self.devnull_r)
+        os.close(self.devnull_w)
+
+
+def _alive(pidfd: int) -> bool:
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return not p.poll(0)
+
+
+def pidfd_pids(pidfd: int) -> tuple[int | None, int | None]:
+    """(host pid, pid in the innermost namespace) of a pidfd, from its fdinfo."""
+    host = inner = None
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    host = int(line.split()[1])
+                elif line.startswith("NSpid:"):
+                    inner = int(line.split()[-1])
+    except OSError:
+        pass
+    return host, inner

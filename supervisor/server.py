@@ -1,0 +1,235 @@
+"""The supervisor's event loop: ZeroMQ in, workers and spawners out, one thread.
+
+Everything is an fd in one epoll set: the ROUTER socket (through ZMQ_FD, drained on
+every wake since it is edge-triggered), the zygote's socket, each worker's and each
+spawner's socketpair, each exec's output pipes and each container init's pidfd. Timers
+(exec deadlines, worker backoff, discovery rescans) live in a heap. Nothing blocks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import zmq
+
+from ..protocol import codec, errors, ipc, messages
+from ..protocol.errors import WarmexecError
+from . import discovery
+from .dispatch import Dispatcher
+
+log = logging.getLogger("warmexec")
+
+
+class Loop:
+    """epoll + a timer heap. Handlers are called with the epoll event mask."""
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Callable[[int], None]] = {}
+        self.timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self.running = True
+
+    def add(self, fd: int, handler: Callable[[int], None], mask: int = select.EPOLLIN) -> None:
+        self.handlers[fd] = handler
+        self.epoll.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self.epoll.modify(fd, mask)
+
+    def remove(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is not None:
+            self.epoll.unregister(fd)
+
+    def call_at(self, when: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self.timers, (when, next(self._seq), fn))
+
+    def run_once(self, max_wait: float = 1.0) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            heapq.heappop(self.timers)[2]()
+        wait = max_wait if not self.timers else min(max_wait, max(0.0, self.timers[0][0] - now))
+        try:
+            events = self.epoll.poll(wait)
+        except InterruptedError:
+            return
+        for fd, mask in events:
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler(mask)
+
+
+class Zygote:
+    """The fresh interpreter every worker is forked from (see warmexec.worker.zygote)."""
+
+    def __init__(self) -> None:
+        ours, theirs = ipc.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "warmexec.worker.zygote", str(os.getpid()), str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+        theirs.close()
+        self.sock = ours
+
+    def fork(self, tag: Any, spec: dict) -> None:
+        ipc.send(self.sock, {"op": "fork", "tag": tag, "spec": spec})
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Supervisor:
+    def __init__(self, endpoint: str, roots: list[str], metrics: Any = None, hooks: Any = None,
+                 scan_interval: float = 1.0, max_inflight: int = 1024,
+                 max_inflight_per_container: int = 256) -> None:
+        self.loop = Loop()
+        self.zygote = Zygote()  # before any ZeroMQ context exists
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE)
+        self.router.setsockopt(zmq.SNDHWM, 100000)
+        self.router.setsockopt(zmq.RCVHWM, 100000)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.endpoint = bind(self.router, endpoint)
+        self.roots_patterns = roots
+        self.scan_interval = scan_interval
+        self.dispatch = Dispatcher(self.loop, self.zygote, self.reply, metrics, hooks,
+                                   max_inflight, max_inflight_per_container)
+        self.loop.add(self.router.getsockopt(zmq.FD), self._on_router)
+        self.loop.add(self.zygote.sock.fileno(), lambda _m: self.dispatch.on_zygote())
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.loop.add(self._wake_r, self._on_signal)
+
+    # ---- lifecycle -------------------------------------------------------------
+    def serve_forever(self) -> None:
+        old = signal.set_wakeup_fd(self._wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)  # handlers only record: the wakeup fd
+        try:
+            self.rescan()
+            while not self.stopping or self.dispatch.total_inflight():
+                self.loop.run_once()
+                self._on_router(0)
+                if self.stopping and time.monotonic() > self._grace_end:
+                    break
+        finally:
+            signal.set_wakeup_fd(old)
+            self.close()
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Stop taking requests; in-flight execs may finish for up to grace seconds."""
+        if not self.stopping:
+            self.stopping = True
+            self._grace_end = time.monotonic() + grace
+            log.info("shutting down, %d execs in flight", self.dispatch.total_inflight())
+
+    def _on_signal(self, _mask: int) -> None:
+        data = os.read(self._wake_r, 64)
+        if any(b in (signal.SIGTERM, signal.SIGINT) for b in data):
+            self.shutdown()
+
+    def close(self) -> None:
+        self.dispatch.close()
+        self.router.close(linger=0)
+        self.ctx.term()
+        self.zygote.close()
+        if self.endpoint.startswith("ipc://"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except OSError:
+                pass
+
+    # ---- discovery -------------------------------------------------------------
+    def rescan(self) -> None:
+        seen: dict[str, tuple[str, str]] = {}
+        for root in discovery.expand_roots(self.roots_patterns):
+            for cid, path in discovery.scan(root).items():
+                seen.setdefault(cid, (root, path))
+        self.dispatch.sync_discovered(seen)
+        if not self.stopping:
+            self.loop.call_at(time.monotonic() + self.scan_interval, self.rescan)
+
+    # ---- the wire --------------------------------------------------------------
+    def _on_router(self, _mask: int) -> None:
+        while self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self.handle(frames[:-1], frames[-1])
+
+    def handle(self, envelope: list[bytes], payload: bytes) -> None:
+        req_id = None
+        try:
+            req = codec.unpack_map(payload)
+            req_id = req.get("id")
+            req_id, op = messages.check_envelope(req)
+            if self.stopping:
+                raise WarmexecError(errors.SHUTTING_DOWN, "supervisor is shutting down")
+            if op == "exec":
+                self.dispatch.submit(envelope, req_id, messages.parse_exec(req))
+            elif op == "ping":
+                self.reply(envelope, messages.ok_reply(req_id, pid=os.getpid()))
+            elif op == "list":
+                self.reply(envelope, messages.ok_reply(req_id, containers=self.dispatch.describe()))
+            elif op == "attach":
+                name, pid = messages.parse_attach(req)
+                self.dispatch.attach(name, pid)
+                self.reply(envelope, messages.ok_reply(req_id))
+            elif op == "detach":
+                self.dispatch.detach(messages.parse_detach(req))
+                self.reply(envelope, messages.ok_reply(req_id))
+        except codec.ProtocolError as exc:
+            self.dispatch.count_error(exc.code)
+            self.reply(envelope, messages.error_reply(req_id, exc.code, exc.message))
+        except WarmexecError as exc:
+            self.dispatch.count_error(exc.code)
+            self.reply(envelope, messages.error_reply(req_id, exc.code, exc.message))
+
+    def reply(self, envelope: list[bytes], msg: dict) -> None:
+        try:
+            self.router.send_multipart([*envelope, codec.pack(msg)], zmq.NOBLOCK)
+        except zmq.Again:
+            self.dispatch.count_error("REPLY_DROPPED")
+        except zmq.ZMQError as exc:  # client gone, unroutable
+            log.debug("reply dropped: %s", exc)
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind; an ipc:// endpoint gets a root-only directory (0700) and socket (0600)."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise SystemExit(f"warmexec: {endpoint} is in use by a running supervisor")
+            except OSError:
+                os.unlink(path)  # stale socket of a dead supervisor
+            finally:
+                probe.close()
+        old = os.umask(0o177)
+        try:
+            sock.bind(endpoint)
+        finally:
+            os.umask(old)
+        return endpoint
+    sock.bind(endpoint)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -1,0 +1,101 @@
+"""Credential profiles: what runc applies to an exec'd process, computed once.
+
+A profile is everything about an exec that depends on the user and the privileged
+flag, not on the command: groups, gid, uid, the five capability sets, no_new_privs,
+rlimits and umask. A spawner takes one profile for its whole life, so each exec it
+starts is a plain vfork+exec that inherits all of it.
+
+The order of :func:`apply` is runc's (finalizeNamespace): rlimits while still root,
+the bounding set, keep-caps across the uid change, groups/gid/uid, then effective,
+permitted and inheritable, then ambient; no_new_privs and the umask last.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+
+from . import linux
+from .users import ExecUser, resolve
+
+#: rlimits a long-lived Python spawner cannot itself live under (cumulative CPU time,
+#: address space, heap, a handful of fds): a profile that has one is applied per exec
+#: in a forked child instead of once in the spawner.
+_DEFERRED = {resource.RLIMIT_CPU, resource.RLIMIT_AS, resource.RLIMIT_DATA}
+_MIN_SPAWNER_NOFILE = 64
+_CAP_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return ""
+
+
+def exec_user(process: dict, spec: str | None) -> ExecUser:
+    """Resolve the exec's user in the current mount namespace (the container's)."""
+    passwd, group = _read("/etc/passwd"), _read("/etc/group")
+    if spec:
+        return resolve(spec, passwd, group)
+    # No user in the request: the container's own process user, as runc exec does.
+    base = process["user"]
+    user = resolve(f"{base['uid']}:{base['gid']}", passwd, group)
+    user.groups = list(base.get("additional_gids") or [])
+    return user
+
+
+def make_profile(process: dict, spec: str | None, privileged: bool) -> dict:
+    user = exec_user(process, spec)
+    caps = {name: linux.cap_mask(process["caps"].get(name)) for name in _CAP_SETS}
+    if privileged:
+        every = (1 << (linux.LAST_CAP + 1)) - 1
+        caps.update(bounding=every, effective=every, permitted=every)
+    rlimits = [[getattr(resource, name), soft, hard] for name, soft, hard in process["rlimits"]
+               if hasattr(resource, name)]
+    return {
+        "uid": user.uid, "gid": user.gid, "groups": user.groups, "home": user.home,
+        "caps": caps, "no_new_privs": bool(process["no_new_privs"]),
+        "rlimits": rlimits, "umask": process["umask"],
+    }
+
+
+def deferred_rlimits(profile: dict) -> list[list[int]]:
+    return [r for r in profile["rlimits"]
+            if r[0] in _DEFERRED or (r[0] == resource.RLIMIT_NOFILE and r[1] < _MIN_SPAWNER_NOFILE)]
+
+
+def apply(profile: dict) -> None:
+    """Take on the profile's credentials. Must run as root, single-threaded."""
+    deferred = deferred_rlimits(profile)
+    for res, soft, hard in profile["rlimits"]:
+        if [res, soft, hard] not in deferred:
+            resource.setrlimit(res, (_lim(soft), _lim(hard)))
+    caps = profile["caps"]
+    for cap in range(linux.LAST_CAP + 1):
+        if not caps["bounding"] >> cap & 1:
+            linux.prctl(linux.PR_CAPBSET_DROP, cap)
+    linux.prctl(linux.PR_SET_KEEPCAPS, 1)
+    os.setgroups(profile["groups"])
+    os.setresgid(profile["gid"], profile["gid"], profile["gid"])
+    os.setresuid(profile["uid"], profile["uid"], profile["uid"])
+    linux.prctl(linux.PR_SET_KEEPCAPS, 0)
+    linux.capset(caps["effective"], caps["permitted"], caps["inheritable"])
+    linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
+    for cap in range(linux.LAST_CAP + 1):
+        if caps["ambient"] >> cap & 1:
+            try:
+                linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_RAISE, cap)
+            except OSError as exc:  # not in permitted & inheritable: the kernel refuses,
+                if exc.errno not in (errno.EPERM, errno.EINVAL):  # as it does for runc
+                    raise
+    if profile["no_new_privs"]:
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    os.umask(profile["umask"])
+
+
+def _lim(value: int) -> int:
+    # OCI writes "unlimited" as 2**64-1; Python's resource module wants RLIM_INFINITY.
+    return resource.RLIM_INFINITY if value < 0 or value >= 2**63 else value

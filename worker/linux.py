@@ -1,0 +1,128 @@
+"""Thin ctypes wrappers for the Linux calls Python 3.11's os module lacks.
+
+setns (os.setns is 3.12+), prctl, capget/capset and keyctl. Each raises OSError with
+the real errno, so callers can report the kernel's own reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+from ..protocol.caps import CAP_NAMES
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+CLONE_NEWTIME = 0x00000080
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+#: /proc/PID/ns/<name> -> clone flag
+NAMESPACES = {
+    "user": CLONE_NEWUSER,
+    "mnt": CLONE_NEWNS,
+    "pid": CLONE_NEWPID,
+    "net": CLONE_NEWNET,
+    "ipc": CLONE_NEWIPC,
+    "uts": CLONE_NEWUTS,
+    "cgroup": CLONE_NEWCGROUP,
+    "time": CLONE_NEWTIME,
+}
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_KEEPCAPS = 8
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "armv7l": 311, "ppc64le": 311, "s390x": 280}
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+CAP_NUMBERS = {name: i for i, name in enumerate(CAP_NAMES)}
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype))
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    return _check(_libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
+
+
+def _read_last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return len(CAP_NAMES) - 1
+
+
+#: Highest capability the running kernel knows, read at import: on the host, before
+#: any setns, since a container's /proc may be masked or missing.
+LAST_CAP = _read_last_cap()
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_CAP_V3 = 0x20080522
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """Set the three capability sets of the calling thread from 64-bit masks."""
+    hdr = _CapHeader(_CAP_V3, 0)
+    data = (_CapData * 2)()
+    for i, shift in enumerate((0, 32)):
+        data[i].effective = (effective >> shift) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
+    _check(_libc.capset(ctypes.byref(hdr), data))
+
+
+def cap_mask(names: list[str] | None) -> int:
+    """Bit mask of capability names; names the kernel or this table lacks are skipped,
+    as runc does for capabilities unknown to the running kernel."""
+    mask = 0
+    for name in names or ():
+        num = CAP_NUMBERS.get(name.upper() if name.upper().startswith("CAP_") else "CAP_" + name.upper())
+        if num is not None and num <= LAST_CAP:
+            mask |= 1 << num
+    return mask
+
+
+def join_session_keyring(name: str) -> None:
+    """Join (or create) the named session keyring, so an exec does not share the
+    supervisor's session keyring. Silently skipped where keyctl is unavailable."""
+    nr = _SYS_KEYCTL.get(platform.machine())
+    if nr is None:
+        return
+    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
+                        ctypes.c_char_p(name.encode()))
+    if ret < 0:
+        err = ctypes.get_errno()
+        if err not in (38, 1):  # ENOSYS, EPERM (keyrings disabled or restricted)
+            raise OSError(err, os.strerror(err))

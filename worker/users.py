@@ -1,0 +1,84 @@
+"""Resolve a user spec against a container's own /etc/passwd and /etc/group.
+
+Docker's rules (libcontainer's user package), so that ``-u`` means the same here:
+
+* ``USER`` (name or number) found in passwd: its uid, primary gid and home, plus
+  every group in /etc/group that lists the user's name (supplementary groups).
+* ``USER:GROUP``: the group (name or number) replaces the primary gid and no
+  supplementary groups are looked up.
+* A number with no passwd entry is taken as is, with gid 0 and home ``/``.
+* A name that is in neither file is an error.
+
+Pure functions on file text, so they are unit-tested without a container.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_ID = 2**31 - 1
+
+
+class UnknownUser(Exception):
+    pass
+
+
+@dataclass
+class ExecUser:
+    uid: int
+    gid: int
+    groups: list[int] = field(default_factory=list)
+    home: str = "/"
+
+
+def _parse(text: str, width: int) -> list[list[str]]:
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(":")
+        if len(parts) >= width:
+            rows.append(parts)
+    return rows
+
+
+def _number(s: str) -> int | None:
+    if s.isdigit():
+        n = int(s)
+        return n if n <= MAX_ID else None
+    return None
+
+
+def resolve(spec: str, passwd: str, group: str) -> ExecUser:
+    user_part, sep, group_part = spec.partition(":")
+    uid_arg = _number(user_part)
+    entry = None
+    for row in _parse(passwd, 7):
+        if (uid_arg is None and row[0] == user_part) or (uid_arg is not None and row[2] == str(uid_arg)):
+            entry = row
+            break
+    if entry is not None:
+        user = ExecUser(int(entry[2]), int(entry[3]) if entry[3].isdigit() else 0, [], entry[5] or "/")
+        name = entry[0]
+    elif uid_arg is not None:
+        user, name = ExecUser(uid_arg, 0), None
+    elif user_part:
+        raise UnknownUser(f"unable to find user {user_part}: no matching entries in passwd file")
+    else:
+        user, name = ExecUser(0, 0), None
+
+    groups = _parse(group, 4)
+    if sep:
+        gid_arg = _number(group_part)
+        match = [g for g in groups if (g[0] == group_part if gid_arg is None else g[2] == str(gid_arg))]
+        if match and match[0][2].isdigit():
+            user.gid = int(match[0][2])
+        elif gid_arg is not None:
+            user.gid = gid_arg
+        else:
+            raise UnknownUser(f"unable to find group {group_part}: no matching entries in group file")
+    elif name is not None:
+        user.groups = [int(g[2]) for g in groups
+                       if g[2].isdigit() and name in g[3].split(",")]
+    return user

@@ -1,0 +1,105 @@
+"""The zygote: a fresh, single-threaded interpreter that forks every worker.
+
+The supervisor runs ZeroMQ, whose I/O threads would make any process forked from it
+multithreaded, and the kernel refuses setns into a mount or user namespace from a
+multithreaded process. So the supervisor execs this module once, at start-up, with
+one end of a socketpair (its fd number on the command line), and asks it for workers::
+
+    supervisor -> {op: fork, tag, spec}
+    zygote     -> {op: forked, tag, pid} + fds [worker socket]
+
+It imports only what a worker needs, then freezes the heap (gc.freeze) so that forked
+workers share its pages instead of copying them on the first garbage collection.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import select
+import signal
+import socket
+import sys
+
+from ..protocol import ipc
+from . import linux
+from .worker import worker_main
+
+def main(supervisor_pid: int, fd: int) -> None:
+    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    sock = socket.socket(fileno=fd)
+    if os.getppid() != supervisor_pid:  # it died before the death signal was set
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # Reap workers as they exit: nothing else in this process has children.
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    poll = select.poll()
+    poll.register(sock, select.POLLIN)
+    poll.register(wake_r, select.POLLIN)
+    gc.collect()
+    gc.freeze()
+    me = os.getpid()
+    while True:
+        try:
+            events = poll.poll()
+        except InterruptedError:
+            continue
+        for fd, _ in events:
+            if fd == wake_r:
+                os.read(wake_r, 4096)
+                reap()
+                continue
+            msg, fds = ipc.recv(sock)
+            if msg is None:
+                return
+            for extra in fds:
+                os.close(extra)
+            if msg.get("op") == "fork":
+                fork_worker(sock, msg, me, (wake_r, wake_w))
+
+
+def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int]) -> None:
+    ours, theirs = ipc.socketpair()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        ours.close()
+        theirs.close()
+        ipc.send(sock, {"op": "forked", "tag": msg.get("tag"), "pid": 0, "error": str(exc)})
+        return
+    if pid == 0:
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in own_fds:
+                os.close(fd)
+            sock.close()
+            ours.close()
+            worker_main(theirs, msg["spec"], me)
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - the child never returns
+            os.write(2, f"warmexec worker {msg['spec'].get('id')}: {exc!r}\n".encode())
+        finally:
+            os._exit(code)
+    theirs.close()
+    ipc.send(sock, {"op": "forked", "tag": msg.get("tag"), "pid": pid}, [ours.fileno()])
+    ours.close()
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]), int(sys.argv[2])))
