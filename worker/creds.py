@@ -51,7 +51,7 @@ def make_profile(process: dict, spec: str | None, privileged: bool) -> dict:
     user = exec_user(process, spec)
     caps = {name: linux.cap_mask(process["caps"].get(name)) for name in _CAP_SETS}
     if privileged:
-        every = (1 << (linux.LAST_CAP + 1)) - 1
+        every = linux.BOUNDING
         caps.update(bounding=every, effective=every, permitted=every)
     rlimits = [[getattr(resource, name), soft, hard] for name, soft, hard in process["rlimits"]
                if hasattr(resource, name)]

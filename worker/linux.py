@@ -75,9 +75,23 @@ def _read_last_cap() -> int:
         return len(CAP_NAMES) - 1
 
 
+PR_CAPBSET_READ = 23
+
+
+def _read_bounding() -> int:
+    mask = 0
+    for cap in range(LAST_CAP + 1):
+        if _libc.prctl(PR_CAPBSET_READ, ctypes.c_ulong(cap), 0, 0, 0) == 1:
+            mask |= 1 << cap
+    return mask
+
+
 #: Highest capability the running kernel knows, read at import: on the host, before
 #: any setns, since a container's /proc may be masked or missing.
 LAST_CAP = _read_last_cap()
+#: Our own bounding set: "privileged" is every capability in it, since no process
+#: can hold a capability its creator's bounding set lacks.
+BOUNDING = _read_bounding()
 
 
 class _CapHeader(ctypes.Structure):
