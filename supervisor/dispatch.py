@@ -33,6 +33,10 @@ KILL_GRACE = 2.0  # after a timeout kill, how long the spawner has to report the
 SPAWNER_IDLE = 60.0  # non-default spawners unused this long are let go
 
 
+class ZygoteLost(Exception):
+    pass
+
+
 class Dispatcher:
     def __init__(self, loop: Any, zygote: Any, reply: Callable[[list[bytes], dict], None],
                  metrics: Any, hooks: Any, max_inflight: int, max_per_container: int) -> None:
@@ -139,7 +143,7 @@ class Dispatcher:
     def on_zygote(self) -> None:
         msg, fds = ipc.recv(self.zygote.sock)
         if msg is None:
-            raise RuntimeError("the zygote died: no worker can be started any more")
+            raise ZygoteLost()
         rt = self.forks.pop(msg.get("tag"), None)
         if rt is None or rt.state == State.EXITED:
             for fd in fds:
@@ -151,6 +155,14 @@ class Dispatcher:
         rt.worker_pid = msg["pid"]
         rt.transition(State.JOINING)
         self.loop.add(fds[0], lambda _m: self.on_worker(rt))
+
+    def zygote_replaced(self, zygote: Any) -> None:
+        """The zygote died: workers it was forking are lost; later ones use the new one."""
+        self.zygote = zygote
+        pending, self.forks = self.forks, {}
+        for rt in pending.values():
+            if rt.state == State.STARTING:
+                self.worker_lost(rt, "zygote died")
 
     def on_worker(self, rt: Runtime) -> None:
         msg, fds = ipc.recv(rt.sock)
@@ -234,6 +246,7 @@ class Dispatcher:
             ex.started = time.monotonic()
             if fds:
                 ex.pid, ex.container_pid = pidfd_pids(fds[0])
+            ipc.send(sp.sock, {"op": "ack", "id": ex.exec_id})  # now it may be reaped
             if self.metrics is not None:
                 self.metrics.spawned(rt.name, ex.started - ex.received)
             self.hook("start", rt, ex)
@@ -324,8 +337,11 @@ class Dispatcher:
         sp.inflight[ex.exec_id] = ex
         for stream in ex.streams:
             self.loop.add(stream.fd, lambda _m, s=stream: self.on_output(s))
-        if ex.stdin_fd >= 0 and not ex.write_stdin():
-            self.loop.add(ex.stdin_fd, lambda _m: self.on_stdin(ex), select.EPOLLOUT)
+        if ex.stdin_fd >= 0:
+            if ex.write_stdin():
+                ex.close_stdin()
+            else:
+                self.loop.add(ex.stdin_fd, lambda _m: self.on_stdin(ex), select.EPOLLOUT)
 
     def on_output(self, stream: Stream) -> None:
         if stream.read(budget=1 << 20):
@@ -333,9 +349,9 @@ class Dispatcher:
             stream.close()
 
     def on_stdin(self, ex: Exec) -> None:
-        fd = ex.stdin_fd
         if ex.write_stdin():
-            self.loop.remove(fd)
+            self.loop.remove(ex.stdin_fd)
+            ex.close_stdin()
 
     def on_timeout(self, rt: Runtime, ex: Exec) -> None:
         if ex.done:

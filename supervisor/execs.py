@@ -88,7 +88,8 @@ class Exec:
             child.append(devnull_r)
         for _ in range(2):
             if self.req.capture:
-                r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                r, w = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(r, False)  # only our end: the command's stays blocking
                 self.streams.append(Stream(r, self.req.capture))
                 child.append(w)
             else:
@@ -96,7 +97,7 @@ class Exec:
         return child
 
     def write_stdin(self) -> bool:
-        """Feed stdin; True once it is all written (or the reader is gone) and closed."""
+        """Feed stdin; True once it is all written (or the reader is gone)."""
         try:
             n = os.write(self.stdin_fd, self.stdin_left)
             self.stdin_left = self.stdin_left[n:]
@@ -104,10 +105,7 @@ class Exec:
             return False
         except OSError:  # EPIPE: the command does not read its stdin
             self.stdin_left = b""
-        if self.stdin_left:
-            return False
-        self.close_stdin()
-        return True
+        return not self.stdin_left
 
     def close_stdin(self) -> None:
         if self.stdin_fd >= 0:

@@ -6,8 +6,12 @@ import argparse
 import logging
 from typing import Any
 
+from prometheus_client import start_http_server
+
 from ..protocol.client import DEFAULT_ENDPOINT
 from . import discovery
+from .hooks import load_python_hooks
+from .metrics import Metrics
 from .server import Supervisor
 
 log = logging.getLogger("warmexec")
@@ -15,13 +19,23 @@ log = logging.getLogger("warmexec")
 
 def serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     limits = cfg.get("limits", {})
+    metrics = Metrics(container_label=not args.no_container_label and cfg.get("container_label", True))
+    hooks = cfg.get("hooks", {})
     sup = Supervisor(
         endpoint=args.endpoint or cfg.get("endpoint") or DEFAULT_ENDPOINT,
         roots=args.roots or cfg.get("runc_roots") or list(discovery.DEFAULT_ROOTS),
+        metrics=metrics,
+        hooks=hooks,
+        python_hooks=load_python_hooks(hooks.get("python", [])),
         scan_interval=args.scan_interval or cfg.get("scan_interval", 1.0),
         max_inflight=limits.get("max_inflight", 1024),
         max_inflight_per_container=limits.get("max_inflight_per_container", 256),
     )
+    addr = args.metrics_addr or cfg.get("metrics_addr")
+    if addr:
+        host, _, port = addr.rpartition(":")
+        start_http_server(int(port), host or "127.0.0.1", registry=metrics.registry)
+        log.info("metrics on http://%s/metrics", addr)
     log.info("warmexec serving on %s", sup.endpoint)
     sup.serve_forever()
     return 0

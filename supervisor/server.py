@@ -25,7 +25,8 @@ import zmq
 from ..protocol import codec, errors, ipc, messages
 from ..protocol.errors import WarmexecError
 from . import discovery
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, ZygoteLost
+from .hooks import Hooks
 
 log = logging.getLogger("warmexec")
 
@@ -57,7 +58,7 @@ class Loop:
     def run_once(self, max_wait: float = 1.0) -> None:
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
-            heapq.heappop(self.timers)[2]()
+            self._call(heapq.heappop(self.timers)[2])
         wait = max_wait if not self.timers else min(max_wait, max(0.0, self.timers[0][0] - now))
         try:
             events = self.epoll.poll(wait)
@@ -66,7 +67,15 @@ class Loop:
         for fd, mask in events:
             handler = self.handlers.get(fd)
             if handler is not None:
-                handler(mask)
+                self._call(handler, mask)
+
+    @staticmethod
+    def _call(fn: Callable[..., None], *args: Any) -> None:
+        """One handler's bug must not take the supervisor (and every client) down."""
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("internal error in %r", fn)
 
 
 class Zygote:
@@ -93,10 +102,11 @@ class Zygote:
 
 
 class Supervisor:
-    def __init__(self, endpoint: str, roots: list[str], metrics: Any = None, hooks: Any = None,
-                 scan_interval: float = 1.0, max_inflight: int = 1024,
+    def __init__(self, endpoint: str, roots: list[str], metrics: Any = None, hooks: dict | None = None,
+                 python_hooks: list[Any] = (), scan_interval: float = 1.0, max_inflight: int = 1024,
                  max_inflight_per_container: int = 256) -> None:
         self.loop = Loop()
+        self.hooks = Hooks(self.loop, hooks or {}, metrics, python_hooks)
         self.zygote = Zygote()  # before any ZeroMQ context exists
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -107,10 +117,12 @@ class Supervisor:
         self.endpoint = bind(self.router, endpoint)
         self.roots_patterns = roots
         self.scan_interval = scan_interval
-        self.dispatch = Dispatcher(self.loop, self.zygote, self.reply, metrics, hooks,
+        self.dispatch = Dispatcher(self.loop, self.zygote, self.reply, metrics, self.hooks,
                                    max_inflight, max_inflight_per_container)
+        if metrics is not None:
+            metrics.watch(lambda: list(self.dispatch.containers.values()))
         self.loop.add(self.router.getsockopt(zmq.FD), self._on_router)
-        self.loop.add(self.zygote.sock.fileno(), lambda _m: self.dispatch.on_zygote())
+        self.loop.add(self.zygote.sock.fileno(), self._on_zygote)
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.loop.add(self._wake_r, self._on_signal)
@@ -145,6 +157,7 @@ class Supervisor:
 
     def close(self) -> None:
         self.dispatch.close()
+        self.hooks.close()
         self.router.close(linger=0)
         self.ctx.term()
         self.zygote.close()
@@ -153,6 +166,17 @@ class Supervisor:
                 os.unlink(self.endpoint[len("ipc://"):])
             except OSError:
                 pass
+
+    def _on_zygote(self, _mask: int) -> None:
+        try:
+            self.dispatch.on_zygote()
+        except ZygoteLost:
+            log.error("the zygote died (exit %s); starting a new one", self.zygote.proc.poll())
+            self.loop.remove(self.zygote.sock.fileno())
+            self.zygote.close()
+            self.zygote = Zygote()
+            self.loop.add(self.zygote.sock.fileno(), self._on_zygote)
+            self.dispatch.zygote_replaced(self.zygote)
 
     # ---- discovery -------------------------------------------------------------
     def rescan(self) -> None:

@@ -6,8 +6,12 @@ the supervisor directly over its own socketpair::
 
     supervisor -> {op: spawn, id, argv, env, cwd} + fds [stdin, stdout, stderr]
     spawner    -> {op: started, id, pid} + fds [pidfd]  |  {op: failed, id, errno, stage}
+    supervisor -> {op: ack, id}
     spawner    -> {op: exited, id, status, utime, stime, maxrss}
     supervisor -> {op: kill, id, signal}
+
+The supervisor learns the host pid from the pidfd's fdinfo, which only names a
+process that has not been reaped: so a child is reaped only once its start is acked.
 
 Each exec is a posix_spawn (vfork + exec) of the command in a new session with the
 given stdio, so the command inherits cgroups, namespaces and credentials for free.
@@ -57,8 +61,8 @@ class Spawner:
         self.sigdef = [s for s in signal.valid_signals()
                        if s not in (signal.SIGKILL, signal.SIGSTOP)
                        and signal.getsignal(s) == signal.SIG_IGN]
-        self.children: dict[int, tuple[int, object]] = {}  # pidfd -> (pid, exec id)
-        self.by_id: dict[object, int] = {}  # exec id -> pid
+        self.children: dict[int, Child] = {}  # pidfd -> child
+        self.by_id: dict[object, Child] = {}
         self.poll = select.poll()
         self.poll.register(sock, select.POLLIN)
 
@@ -71,7 +75,7 @@ class Spawner:
                         return  # supervisor gone: children stay, like runc exec's
                     self.handle(msg, fds)
                 else:
-                    self.reap(fd)
+                    self.exited(fd)
 
     def handle(self, msg: dict, fds: list[int]) -> None:
         op = msg.get("op")
@@ -81,11 +85,17 @@ class Spawner:
             finally:
                 for fd in fds:
                     os.close(fd)
+        elif op == "ack":
+            child = self.by_id.get(msg.get("id"))
+            if child is not None:
+                child.acked = True
+                if child.exited:
+                    self.reap(child.pidfd)
         elif op == "kill":
-            pid = self.by_id.get(msg.get("id"))
-            if pid is not None:
+            child = self.by_id.get(msg.get("id"))
+            if child is not None:
                 try:
-                    os.killpg(pid, msg.get("signal", signal.SIGKILL))
+                    os.killpg(child.pid, msg.get("signal", signal.SIGKILL))
                 except ProcessLookupError:
                     pass
 
@@ -111,8 +121,7 @@ class Spawner:
         except OSError as exc:
             return self.fail(exec_id, exc.errno, "exec")
         pidfd = os.pidfd_open(pid)
-        self.children[pidfd] = (pid, exec_id)
-        self.by_id[exec_id] = pid
+        self.children[pidfd] = self.by_id[exec_id] = Child(pid, pidfd, exec_id)
         self.poll.register(pidfd, select.POLLIN)
         ipc.send(self.sock, {"op": "started", "id": exec_id, "pid": pid}, [pidfd])
 
@@ -150,14 +159,28 @@ class Spawner:
     def fail(self, exec_id: object, err: int | None, stage: str) -> None:
         ipc.send(self.sock, {"op": "failed", "id": exec_id, "errno": err or 0, "stage": stage})
 
-    def reap(self, pidfd: int) -> None:
-        pid, exec_id = self.children.pop(pidfd)
+    def exited(self, pidfd: int) -> None:
+        child = self.children[pidfd]
         self.poll.unregister(pidfd)
+        child.exited = True
+        if child.acked:
+            self.reap(pidfd)
+
+    def reap(self, pidfd: int) -> None:
+        child = self.children.pop(pidfd)
         os.close(pidfd)
-        _, status, ru = os.wait4(pid, 0)
-        del self.by_id[exec_id]
-        ipc.send(self.sock, {"op": "exited", "id": exec_id, "status": status,
+        _, status, ru = os.wait4(child.pid, 0)
+        del self.by_id[child.exec_id]
+        ipc.send(self.sock, {"op": "exited", "id": child.exec_id, "status": status,
                              "utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss": ru.ru_maxrss})
+
+
+class Child:
+    __slots__ = ("pid", "pidfd", "exec_id", "acked", "exited")
+
+    def __init__(self, pid: int, pidfd: int, exec_id: object) -> None:
+        self.pid, self.pidfd, self.exec_id = pid, pidfd, exec_id
+        self.acked = self.exited = False
 
 
 def _env_dict(env: list[str]) -> dict[str, str]:

@@ -1,0 +1,133 @@
+"""Prometheus metrics, exported by the supervisor alone from an injected registry.
+
+Names follow Prometheus conventions: ``warmexec_`` prefix, base units, ``_total``
+counters, bounded labels (container, exit code, error code: never pid or argv).
+Gauges about workers and in-flight execs are computed at scrape time from the live
+container table, so they cannot drift. The ``container`` label can be dropped for
+hosts with thousands of containers; its series are removed when a container goes away.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+
+from .containers import State
+
+# 50 µs .. 10 s: the warm path lives at the bottom, runc-like execs and hangs at the top.
+SPAWN_BUCKETS = (50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3,
+                 7.5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0)
+DURATION_BUCKETS = (100e-6, 250e-6, 500e-6, 750e-6, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 10e-3, 25e-3,
+                    50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, container_label: bool = True) -> None:
+        disable_created_metrics()
+        self.registry = registry or CollectorRegistry()
+        self.container_label = container_label
+        c = ("container",) if container_label else ()
+        r = self.registry
+        self.duration = Histogram("warmexec_exec_duration_seconds",
+                                  "Exec request received to reply (process exited)", c,
+                                  registry=r, buckets=DURATION_BUCKETS)
+        self.spawn = Histogram("warmexec_exec_spawn_seconds", "Exec request received to pid known",
+                               c, registry=r, buckets=SPAWN_BUCKETS)
+        self.exits = Counter("warmexec_exec_exits", "Execs that ran, by exit code", (*c, "code"), registry=r)
+        self.errors = Counter("warmexec_exec_errors", "Requests answered with an error, by error code",
+                              ("code",), registry=r)
+        self.timeouts = Counter("warmexec_exec_timeouts", "Execs killed at their timeout", c, registry=r)
+        self.oom = Counter("warmexec_exec_oom_kills", "Execs killed by the container's OOM killer",
+                           c, registry=r)
+        self.restarts = Counter("warmexec_worker_restarts", "Workers that died and were restarted",
+                                registry=r)
+        self.warmup_seconds = Histogram("warmexec_worker_warmup_seconds",
+                                        "Worker fork to ready (namespaces joined)", registry=r,
+                                        buckets=SPAWN_BUCKETS)
+        self.hook_runs = Counter("warmexec_hook_runs", "Hooks started", ("kind",), registry=r)
+        self.hook_failures = Counter("warmexec_hook_failures", "Hooks that failed, timed out or were dropped",
+                                     ("kind", "reason"), registry=r)
+        self._table: Callable[[], Iterable[Any]] = lambda: ()
+        r.register(_LiveCollector(self))
+
+    def watch(self, table: Callable[[], Iterable[Any]]) -> None:
+        """Give the scrape-time gauges the container table (a callable returning runtimes)."""
+        self._table = table
+
+    def _c(self, container: str) -> tuple[str, ...]:
+        return (container,) if self.container_label else ()
+
+    # ---- called from the event loop ------------------------------------------------
+    def spawned(self, container: str, seconds: float) -> None:
+        self.spawn.labels(*self._c(container)).observe(seconds)
+
+    def finished(self, ex: Any, reply: dict) -> None:
+        container = ex.req.container
+        if not reply.get("ok"):
+            self.errors.labels(reply["error"]["code"]).inc()
+            return
+        self.duration.labels(*self._c(container)).observe(reply["timings"]["total"] / 1e6)
+        self.exits.labels(*self._c(container), str(reply["exit_code"])).inc()
+        if reply.get("timed_out"):
+            self.timeouts.labels(*self._c(container)).inc()
+        if reply.get("oom_killed"):
+            self.oom.labels(*self._c(container)).inc()
+
+    def error(self, code: str) -> None:
+        self.errors.labels(code).inc()
+
+    def worker_restart(self) -> None:
+        self.restarts.inc()
+
+    def warmup(self, seconds: float) -> None:
+        self.warmup_seconds.observe(seconds)
+
+    def hook(self, kind: str, failure: str | None = None) -> None:
+        if failure is None:
+            self.hook_runs.labels(kind).inc()
+        else:
+            self.hook_failures.labels(kind, failure).inc()
+
+    def event(self, topic: str, fields: dict) -> None:
+        if topic == "container.removed" and self.container_label:
+            self._forget(fields["container"])
+
+    def _forget(self, container: str) -> None:
+        for metric in (self.duration, self.spawn, self.timeouts, self.oom):
+            try:
+                metric.remove(container)
+            except KeyError:
+                pass
+        for labels in [k for k in list(self.exits._metrics) if k[0] == container]:
+            self.exits.remove(*labels)
+
+
+class _LiveCollector:
+    """warmexec_workers{state} and warmexec_exec_inflight, read from the live table."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for _ in range(3):  # the loop thread may resize the table mid-scrape: retry
+            try:
+                rows = list(self.metrics._table())
+                states = {s.name: 0 for s in State if s != State.EXITED}
+                inflight = 0
+                for rt in rows:
+                    states[rt.state.name] = states.get(rt.state.name, 0) + 1
+                    inflight += rt.inflight()
+                break
+            except RuntimeError:
+                continue
+        else:
+            return
+        workers = GaugeMetricFamily("warmexec_workers", "Container workers by state", labels=["state"])
+        for name, n in states.items():
+            workers.add_metric([name], n)
+        yield workers
+        yield GaugeMetricFamily("warmexec_exec_inflight", "Execs received and not yet answered",
+                                value=inflight)
+        yield GaugeMetricFamily("warmexec_containers", "Active containers", value=len(rows))
