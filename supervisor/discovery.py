@@ -170,8 +170,7 @@ def from_pid(name: str, pid: int) -> Container:
     except OSError as exc:
         raise DiscoveryError(f"cannot inspect pid {pid}: {exc.strerror}") from None
     uids, gids = status["Uid"].split(), status["Gid"].split()
-    caps = {k: _cap_names(int(status["Cap" + k[:3].capitalize()], 16)) for k in _CAP_KEYS}
-    caps["bounding"] = _cap_names(int(status["CapBnd"], 16))
+    caps = {k: _cap_names(int(status.get(field, "0"), 16)) for k, field in _STATUS_CAPS.items()}
     process = {
         "user": {"uid": int(uids[1]), "gid": int(gids[1]),
                  "additional_gids": [int(g) for g in status.get("Groups", "").split()]},
@@ -181,6 +180,10 @@ def from_pid(name: str, pid: int) -> Container:
     }
     return Container(id=name, init_pid=pid, init_start=start, namespaces=joinable_namespaces(pid),
                      cgroup_procs=_procs_files(cgroups), process=process, source="attach")
+
+
+_STATUS_CAPS = {"bounding": "CapBnd", "effective": "CapEff", "permitted": "CapPrm",
+                "inheritable": "CapInh", "ambient": "CapAmb"}
 
 
 def _status(pid: int) -> dict[str, str]:

@@ -89,10 +89,13 @@ class Dispatcher:
 
     def add(self, info: discovery.Container) -> Runtime:
         pidfd = os.pidfd_open(info.init_pid)
-        if info.init_start is not None and discovery.start_time(info.init_pid) != info.init_start:
-            os.close(pidfd)
-            raise discovery.DiscoveryError(f"{info.id}: init pid {info.init_pid} was reused")
         rt = Runtime(info, pidfd, self.emit)
+        if info.init_start is not None and discovery.start_time(info.init_pid) != info.init_start:
+            rt.close()
+            raise discovery.DiscoveryError(f"{info.id}: init pid {info.init_pid} was reused")
+        if _dying(rt):
+            rt.close()
+            raise discovery.DiscoveryError(f"{info.id}: init pid {info.init_pid} has exited")
         self.containers[info.id] = rt
         self.loop.add(pidfd, lambda _m: self.remove(rt, "container exited"))
         self.emit("container.added", container=info.id, pid=info.init_pid, source=info.source)
@@ -189,11 +192,12 @@ class Dispatcher:
             rt.sock.close()
             rt.sock = None
         rt.worker_pid = None
-        for tag, (owner, sp) in list(self.spawner_requests.items()):
+        for tag, (owner, _) in list(self.spawner_requests.items()):
             if owner is rt:
                 del self.spawner_requests[tag]
-                self.drop_spawner(rt, sp, errors.WORKER_LOST, f"worker lost: {reason}")
-        if not _alive(rt.init_pidfd):
+        for sp in list(rt.spawners.values()):  # they die with it (PR_SET_PDEATHSIG)
+            self.drop_spawner(rt, sp, errors.WORKER_LOST, f"worker lost: {reason}")
+        if _dying(rt):
             return self.remove(rt, "container exited")
         rt.transition(State.BACKOFF, reason)
         rt.restarts += 1
@@ -236,7 +240,7 @@ class Dispatcher:
     def on_spawner(self, rt: Runtime, sp: Spawner) -> None:
         msg, fds = ipc.recv(sp.sock)
         if msg is None:
-            dead = not _alive(rt.init_pidfd)
+            dead = _dying(rt)
             code = errors.CONTAINER_EXITED if dead else errors.WORKER_LOST
             why = "container exited" if dead else (sp.error or "spawner exited")
             return self.drop_spawner(rt, sp, code, f"{rt.name}: {why}")
@@ -245,7 +249,8 @@ class Dispatcher:
         if op == "started" and ex is not None:
             ex.started = time.monotonic()
             if fds:
-                ex.pid, ex.container_pid = pidfd_pids(fds[0])
+                ex.pidfd = fds.pop()  # kept: to kill the group if the exec is lost
+                ex.pid, ex.container_pid = pidfd_pids(ex.pidfd)
             ipc.send(sp.sock, {"op": "ack", "id": ex.exec_id})  # now it may be reaped
             if self.metrics is not None:
                 self.metrics.spawned(rt.name, ex.started - ex.received)
@@ -390,6 +395,8 @@ class Dispatcher:
         for s in ex.streams:
             if s.fd >= 0:
                 self.loop.remove(s.fd)
+        if not reply.get("ok"):
+            ex.kill_group()  # a lost exec must not leave its process running
         ex.close()
         self.send_reply(ex.envelope, reply)
         if self.metrics is not None:
@@ -404,10 +411,26 @@ class Dispatcher:
         os.close(self.devnull_w)
 
 
-def _alive(pidfd: int) -> bool:
+PF_EXITING = 0x4
+
+
+def _dying(rt: Runtime) -> bool:
+    """True once the container's init has exited or is exiting.
+
+    A pid namespace's init is killed first but its pidfd turns readable only after
+    every other process in the namespace (our spawners among them) has died: so a
+    spawner's death is seen first, and init's PF_EXITING flag tells the two apart.
+    """
     p = select.poll()
-    p.register(pidfd, select.POLLIN)
-    return not p.poll(0)
+    p.register(rt.init_pidfd, select.POLLIN)
+    if p.poll(0):
+        return True
+    try:
+        with open(f"/proc/{rt.info.init_pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b") ", 1)[1].split()
+        return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
+    except (OSError, IndexError, ValueError):
+        return True
 
 
 def pidfd_pids(pidfd: int) -> tuple[int | None, int | None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import signal
 import time
 from typing import Any
 
@@ -73,6 +74,7 @@ class Exec:
         self.spawner: Any = None
         self.pid: int | None = None
         self.container_pid: int | None = None
+        self.pidfd = -1
         self.timed_out = False
         self.done = False
 
@@ -112,10 +114,23 @@ class Exec:
             os.close(self.stdin_fd)
             self.stdin_fd = -1
 
+    def kill_group(self) -> None:
+        """SIGKILL the exec's process group, if its leader was never reaped."""
+        if self.pidfd < 0 or self.pid is None:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, 0)  # ESRCH once it has been reaped
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def close(self) -> None:
         self.close_stdin()
         for s in self.streams:
             s.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
     def timings(self, end: float) -> dict:
         def us(t: float | None) -> int | None:

@@ -224,6 +224,10 @@ class Supervisor:
         except WarmexecError as exc:
             self.dispatch.count_error(exc.code)
             self.reply(envelope, messages.error_reply(req_id, exc.code, exc.message))
+        except Exception:  # noqa: BLE001 - a bug answers INTERNAL; the client never waits
+            log.exception("internal error handling a request")
+            self.dispatch.count_error(errors.INTERNAL)
+            self.reply(envelope, messages.error_reply(req_id, errors.INTERNAL, "internal error"))
 
     def reply(self, envelope: list[bytes], msg: dict) -> None:
         try:

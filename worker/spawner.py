@@ -35,6 +35,8 @@ from . import creds, linux
 
 def spawner_main(sock: socket.socket, spec: dict, profile: dict,
                  cgroup_fds: list[int], cgroupns_fd: int | None) -> None:
+    # Our worker as we see it: 0 when it is outside our pid namespace (a container's).
+    worker = os.getppid()
     for fd in cgroup_fds:
         os.write(fd, b"0")  # "0" is the writer itself, whatever pid namespace it is in
         os.close(fd)
@@ -45,7 +47,7 @@ def spawner_main(sock: socket.socket, spec: dict, profile: dict,
     # A uid change clears the parent-death signal and the dumpable flag: set both now.
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
-    if os.getppid() != 0:  # our worker lives outside the pid namespace: it shows as 0
+    if os.getppid() != worker:  # it died before the death signal was set
         return
     Spawner(sock, spec, profile).run()
 

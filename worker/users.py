@@ -44,7 +44,7 @@ def _parse(text: str, width: int) -> list[list[str]]:
 
 
 def _number(s: str) -> int | None:
-    if s.isdigit():
+    if s.isascii() and s.isdigit():
         n = int(s)
         return n if n <= MAX_ID else None
     return None

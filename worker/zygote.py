@@ -82,6 +82,8 @@ def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int
             ours.close()
             worker_main(theirs, msg["spec"], me)
             code = 0
+        except (BrokenPipeError, ConnectionResetError):
+            code = 0  # the supervisor let go of this worker
         except BaseException as exc:  # noqa: BLE001 - the child never returns
             os.write(2, f"warmexec worker {msg['spec'].get('id')}: {exc!r}\n".encode())
         finally:

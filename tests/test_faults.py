@@ -1,0 +1,155 @@
+"""Dying parts: each way a worker, a container or the supervisor can die ends in a
+clear error for the client, and leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from warmexec.protocol import Client, errors
+from warmexec.protocol.errors import WarmexecError
+
+from .conftest import Supervisor, wait_for, wait_ready
+
+pytestmark = pytest.mark.root
+
+
+def _row(client, cid):
+    return next((r for r in client.list() if r["id"] == cid), None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _in_container(box, cid, needle):
+    return needle in box.exec(cid, ["ps", "-o", "args"]).stdout.decode()
+
+
+def test_worker_killed_with_execs_in_flight(box, client):
+    cid = box.run("workerkill")
+    try:
+        row = wait_ready(client, cid)
+        rid = client.submit("exec", container=cid, argv=["sleep", "1003"])
+        wait_for(lambda: _in_container(box, cid, "sleep 1003"), 10, "the exec to start")
+        t0 = time.monotonic()
+        os.kill(row["worker_pid"], signal.SIGKILL)
+        with pytest.raises(WarmexecError) as e:
+            client.result(rid, timeout=5)
+        assert e.value.code == errors.WORKER_LOST
+        assert time.monotonic() - t0 < 1.0
+        wait_for(lambda: not _in_container(box, cid, "sleep 1003"), 5, "the lost exec to be killed")
+        new = wait_ready(client, cid)
+        assert new["worker_pid"] != row["worker_pid"] and new["restarts"] == 1
+        assert client.exec(cid, ["true"])["exit_code"] == 0
+    finally:
+        box.delete(cid)
+
+
+def test_container_dies_mid_exec_and_comes_back(box, client):
+    cid = box.run("dies")
+    wait_ready(client, cid)
+    first_pid = box.init_pid(cid)
+    rid = client.submit("exec", container=cid, argv=["sleep", "1000"])
+    wait_for(lambda: _in_container(box, cid, "sleep 1000"), 10, "the exec to start")
+    box.kill(cid, "KILL")
+    with pytest.raises(WarmexecError) as e:
+        client.result(rid, timeout=5)
+    assert e.value.code == errors.CONTAINER_EXITED
+    wait_for(lambda: _row(client, cid) is None, 5, "the container to be dropped")
+    with pytest.raises(WarmexecError) as e:
+        client.exec(cid, ["true"])
+    assert e.value.code == errors.NO_SUCH_CONTAINER
+    box.delete(cid)
+    # the same id again: a new init, a fresh worker, no confusion with the old pid
+    cid2 = box.run("dies")
+    try:
+        assert cid2 == cid and box.init_pid(cid) != first_pid
+        row = wait_ready(client, cid)
+        assert row["pid"] == box.init_pid(cid)
+        assert client.exec(cid, ["true"])["exit_code"] == 0
+    finally:
+        box.delete(cid)
+
+
+def test_supervisor_sigterm_finishes_inflight_then_exits(box, tmp_path):
+    sup = Supervisor(box, str(tmp_path))
+    cid = box.run("graceful")
+    try:
+        with Client(sup.endpoint) as c:
+            wait_ready(c, cid)
+            rid = c.submit("exec", container=cid, argv=["sh", "-c", "sleep 0.5; echo finished"])
+            wait_for(lambda: _in_container(box, cid, "sleep 0.5"), 10, "the exec to start")
+            sup.proc.send_signal(signal.SIGTERM)
+            reply = c.result(rid, timeout=10)
+            assert reply["stdout"] == b"finished\n" and reply["exit_code"] == 0
+        assert sup.proc.wait(timeout=10) == 0
+    finally:
+        sup.stop()
+        box.delete(cid)
+
+
+def test_supervisor_sigkill_leaves_no_worker_behind(box, tmp_path):
+    sup = Supervisor(box, str(tmp_path))
+    cid = box.run("orphan")
+    try:
+        with Client(sup.endpoint) as c:
+            row = wait_ready(c, cid)
+            assert c.exec(cid, ["true"])["exit_code"] == 0
+        family = _descendants(sup.proc.pid)
+        assert row["worker_pid"] in family and len(family) >= 3  # zygote, worker, spawner
+        sup.proc.kill()
+        sup.proc.wait()
+        wait_for(lambda: not any(_alive(p) for p in family), 5, "zygote, workers and spawners to die")
+    finally:
+        sup.stop()
+        box.delete(cid)
+
+
+def test_attach_any_process(client):
+    """`attach NAME --pid PID`: a process of no known runtime becomes an exec target."""
+    proc = subprocess.Popen(["unshare", "--uts", "sh", "-c", "hostname attached-box; exec sleep 1000"],
+                            stdin=subprocess.DEVNULL)
+    try:
+        def renamed():
+            try:
+                return os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep")
+            except OSError:
+                return False
+        wait_for(renamed, 5, "the attached process to be ready")
+        client.attach("attached", proc.pid)
+        wait_ready(client, "attached")
+        r = client.exec("attached", ["hostname"])
+        assert r["stdout"] == b"attached-box\n"
+        with pytest.raises(WarmexecError) as e:
+            client.attach("attached", proc.pid)
+        assert e.value.code == errors.EXISTS
+        client.detach("attached")
+        with pytest.raises(WarmexecError) as e:
+            client.exec("attached", ["true"])
+        assert e.value.code == errors.NO_SUCH_CONTAINER
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            kids = []
+        out.extend(kids)
+        todo.extend(kids)
+    return out
