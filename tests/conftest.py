@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from typing import Callable
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.harness import SupervisorProcess, wait_for, wait_ready  # noqa: E402,F401 - re-exported
 from bench.runcbox import RuncBox  # noqa: E402
 from warmexec.protocol import Client  # noqa: E402
 
@@ -35,70 +31,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+class Supervisor(SupervisorProcess):
+    """The harness's supervisor with a hooks directory for the hook tests."""
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Supervisor:
-    """A real `warmexec serve` process on a private endpoint and runc root."""
-
-    def __init__(self, box: RuncBox, workdir: str, extra_config: str = "") -> None:
-        self.workdir = workdir
-        self.endpoint = f"ipc://{workdir}/warmexec.sock"
-        self.metrics_port = free_port()
+    def __init__(self, box: RuncBox, workdir: str, config: str = "") -> None:
         self.hook_dir = os.path.join(workdir, "hooks")
         os.makedirs(self.hook_dir, exist_ok=True)
-        self.config = os.path.join(workdir, "warmexec.toml")
-        with open(self.config, "w") as f:
-            f.write(extra_config)
-        self.log = open(os.path.join(workdir, "supervisor.log"), "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root", box.root,
-             "--endpoint", self.endpoint, "--metrics-addr", f"127.0.0.1:{self.metrics_port}",
-             "--config", self.config, "--scan-interval", "0.1", "--log-level", "DEBUG"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        client = Client(self.endpoint)
-        try:
-            wait_for(lambda: self._ping(client), 15, "supervisor to answer")
-        finally:
-            client.close()
-
-    def _ping(self, client: Client) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"supervisor exited {self.proc.returncode}: {self.read_log()}")
-        try:
-            client.ping(timeout=0.5)
-            return True
-        except Exception:  # noqa: BLE001 - not up yet
-            return False
-
-    def read_log(self) -> str:
-        with open(os.path.join(self.workdir, "supervisor.log"), "rb") as f:
-            return f.read().decode(errors="replace")[-5000:]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        super().__init__(box.root, workdir, config)
 
 
 HOOK_SCRIPT = """import json, sys, os
@@ -128,7 +67,8 @@ def supervisor(box, tmp_path_factory):
            f'[[hooks.exit]]\ncommand = ["{sys.executable}", "{hook}", "exit", "{hooks_dir}"]\n')
     sup = Supervisor(box, workdir, cfg)
     yield sup
-    sup.stop()
+    assert sup.stop() == 0
+    assert "internal error" not in sup.read_log(), "the supervisor logged an internal error"
 
 
 @pytest.fixture(scope="session")
@@ -136,15 +76,6 @@ def client(supervisor):
     c = Client(supervisor.endpoint)
     yield c
     c.close()
-
-
-def wait_ready(client: Client, cid: str, timeout: float = 15.0) -> dict:
-    def ready():
-        for row in client.list():
-            if row["id"] == cid and row["state"] == "READY":
-                return row
-        return None
-    return wait_for(ready, timeout, f"worker of {cid} to be READY")
 
 
 @pytest.fixture(scope="session")
