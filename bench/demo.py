@@ -22,6 +22,8 @@ from warmexec.protocol import Client
 from .harness import SupervisorProcess, wait_ready
 from .runcbox import RuncBox
 
+SHOWN_METRICS = ("warmexec_exec_exits_total", "warmexec_workers{", "warmexec_exec_spawn_seconds_count")
+
 
 def timed(fn, n: int) -> list[float]:
     out = []
@@ -79,7 +81,7 @@ def main() -> int:
         text = urllib.request.urlopen(f"http://127.0.0.1:{sup.metrics_port}/metrics", timeout=5).read()
         print("a few of the metrics Prometheus would scrape:")
         for line in text.decode().splitlines():
-            if line.startswith(("warmexec_exec_exits_total", "warmexec_workers{", "warmexec_exec_spawn_seconds_count")):
+            if line.startswith(SHOWN_METRICS):
                 print("  " + line)
         return 0
     finally:

@@ -59,7 +59,8 @@ class RuncBox:
         for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "root", "home/alice", "home/bob", "secret"):
             os.makedirs(os.path.join(path, d), exist_ok=True)
         shutil.copy2(BUSYBOX, os.path.join(path, "bin/busybox"))
-        applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
+        listing = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True)
+        applets = listing.stdout.split()
         for applet in applets:
             if applet != "busybox":
                 os.symlink("busybox", os.path.join(path, "bin", applet))

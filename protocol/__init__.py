@@ -11,7 +11,7 @@ from typing import Any
 from .errors import WarmexecError
 from .messages import VERSION
 
-__all__ = ["Client", "VERSION", "WarmexecError"]
+__all__ = ["VERSION", "Client", "WarmexecError"]
 
 
 def __getattr__(name: str) -> Any:

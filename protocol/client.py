@@ -39,8 +39,9 @@ class Client:
         self.sock.connect(endpoint or default_endpoint())
         self._ids = itertools.count(1)
         self._replies: dict[Any, dict] = {}
+        self._pending: set[Any] = set()  # submitted, reply not yet taken or given up
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -55,6 +56,7 @@ class Client:
         msg = {"v": VERSION, "id": req_id, "op": op}
         msg.update({k: v for k, v in fields.items() if v is not None})
         self.sock.send(codec.pack(msg))
+        self._pending.add(req_id)
         return req_id
 
     def result(self, req_id: int, timeout: float | None = None) -> dict:
@@ -94,7 +96,8 @@ class Client:
         if not self.sock.poll(int(wait * 1000)):
             return None
         msg = codec.unpack_map(self.sock.recv())
-        self._replies[msg.get("id")] = msg
+        if msg.get("id") in self._pending:  # a reply we stopped waiting for is dropped
+            self._replies[msg.get("id")] = msg
         return msg
 
     def _wait(self, req_id: Any, timeout: float | None) -> dict:
@@ -104,14 +107,21 @@ class Client:
         while req_id not in self._replies:
             now = time.monotonic()
             if end is not None and now >= end:
+                self._pending.discard(req_id)
                 raise WarmexecError(errors.TIMEOUT, f"no reply within {timeout}s")
             wait = LIVENESS if end is None else min(LIVENESS, end - now)
             if self._recv(wait) is not None:
                 if probe is not None and self._replies.pop(probe, None) is not None:
+                    self._pending.discard(probe)
                     probe = None
                 continue
             if probe is None:
                 probe, probe_sent = self.submit("ping"), time.monotonic()
             elif time.monotonic() - probe_sent >= LIVENESS:
+                self._pending.difference_update((req_id, probe))
                 raise WarmexecError(errors.UNREACHABLE, "the supervisor is not answering")
+        if probe is not None:  # its answer, if it comes, is dropped
+            self._pending.discard(probe)
+            self._replies.pop(probe, None)
+        self._pending.discard(req_id)
         return self._replies.pop(req_id)

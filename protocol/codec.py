@@ -44,9 +44,14 @@ def unpack(data: bytes, max_size: int = MAX_MESSAGE) -> Any:
             max_array_len=65536,
             max_map_len=65536,
             max_ext_len=0,
+            ext_hook=_no_ext,
         )
     except Exception as exc:  # msgpack raises many types; the wire has one error.
         raise ProtocolError(f"undecodable message: {type(exc).__name__}") from None
+
+
+def _no_ext(code: int, data: bytes) -> None:
+    raise ValueError("msgpack ext types are not part of the protocol")
 
 
 def unpack_map(data: bytes, max_size: int = MAX_MESSAGE) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import array
 import os
 import socket
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 from .codec import pack, unpack_map
 

@@ -74,7 +74,8 @@ class ExecRequest:
 
 def check_envelope(req: dict) -> tuple[Any, str]:
     """Validate the fields every request has; return (id, op)."""
-    if req.get("v") != VERSION:
+    v = req.get("v")
+    if type(v) is not int or v != VERSION:
         raise WarmexecError(errors.UNSUPPORTED_VERSION, f"protocol version must be {VERSION}")
     op = req.get("op")
     if op not in OPS:

@@ -134,7 +134,7 @@ def _simple(args: argparse.Namespace, op: str, name: str | None = None, pid: int
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import load_config  # noqa: PLC0415 - client commands need none of this
+    from .config import load_config
     from .run import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")

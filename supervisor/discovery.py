@@ -104,7 +104,7 @@ def from_state(root: str, cid: str, state_path: str) -> Container:
     except (OSError, ValueError) as exc:
         raise DiscoveryError(f"{state_path}: {exc}") from None
     cfg = state.get("config") or {}
-    labels = dict(l.split("=", 1) for l in cfg.get("labels") or [] if "=" in l)
+    labels = dict(item.split("=", 1) for item in cfg.get("labels") or [] if "=" in item)
     oci = _load_bundle(labels.get("bundle"))
     pid = state.get("init_process_pid")
     if not isinstance(pid, int) or pid <= 0:
@@ -151,10 +151,10 @@ def _process(proc: dict, cfg: dict) -> dict:
     }
 
 
-_RLIMIT_NAMES = {i: n for i, n in enumerate(
-    "RLIMIT_CPU RLIMIT_FSIZE RLIMIT_DATA RLIMIT_STACK RLIMIT_CORE RLIMIT_RSS RLIMIT_NPROC "
-    "RLIMIT_NOFILE RLIMIT_MEMLOCK RLIMIT_AS RLIMIT_LOCKS RLIMIT_SIGPENDING RLIMIT_MSGQUEUE "
-    "RLIMIT_NICE RLIMIT_RTPRIO RLIMIT_RTTIME".split())}
+_RLIMIT_NAMES = dict(enumerate((
+    "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_STACK", "RLIMIT_CORE", "RLIMIT_RSS",
+    "RLIMIT_NPROC", "RLIMIT_NOFILE", "RLIMIT_MEMLOCK", "RLIMIT_AS", "RLIMIT_LOCKS",
+    "RLIMIT_SIGPENDING", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_RTPRIO", "RLIMIT_RTTIME")))
 
 
 # ---- attach: any process, of any runtime ------------------------------------------

@@ -19,7 +19,8 @@ import select
 import signal
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..protocol import errors, ipc, messages
 from ..protocol.errors import WarmexecError

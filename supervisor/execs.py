@@ -24,7 +24,7 @@ _ids = itertools.count(1)
 
 
 class Stream:
-    __slots__ = ("fd", "buf", "limit", "total")
+    __slots__ = ("buf", "fd", "limit", "total")
 
     def __init__(self, fd: int, limit: int) -> None:
         self.fd = fd

@@ -138,7 +138,7 @@ class Hooks:
                 self._count(kind)
                 try:
                     fn(doc)
-                except Exception:  # noqa: BLE001 - a hook's bug is logged, never fatal
+                except Exception:
                     log.exception("python %s hook %r failed", kind, hook)
                     self._count(kind, "exception")
 

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-
 from warmexec.protocol import Client, errors
 from warmexec.protocol.errors import WarmexecError
 

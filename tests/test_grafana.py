@@ -10,12 +10,11 @@ import json
 import os
 import re
 import urllib.request
+from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
-
 from warmexec.protocol.errors import WarmexecError
 from warmexec.supervisor.metrics import Metrics
 

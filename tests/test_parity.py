@@ -8,7 +8,6 @@ hostname, rlimits, umask, oom_score_adj, open fds and session keyring.
 from __future__ import annotations
 
 import pytest
-
 from warmexec.protocol.caps import CAP_NAMES
 
 from .conftest import wait_ready

@@ -178,7 +178,7 @@ class Spawner:
 
 
 class Child:
-    __slots__ = ("pid", "pidfd", "exec_id", "acked", "exited")
+    __slots__ = ("acked", "exec_id", "exited", "pid", "pidfd")
 
     def __init__(self, pid: int, pidfd: int, exec_id: object) -> None:
         self.pid, self.pidfd, self.exec_id = pid, pidfd, exec_id
@@ -199,7 +199,7 @@ def lookup(name: str, path_var: str | None) -> tuple[str | None, int]:
     used as is; otherwise the first regular file with an execute bit on $PATH."""
     if "/" in name:
         return name, 0
-    for d in (path_var or "").split(":"):
+    for d in path_var.split(":") if path_var else ():  # no PATH: nothing is searched
         candidate = os.path.join(d or ".", name)
         try:
             st = os.stat(candidate)

@@ -44,23 +44,25 @@ def _parse(text: str, width: int) -> list[list[str]]:
 
 
 def _number(s: str) -> int | None:
+    """A user-supplied id: ASCII digits in range, else None (then it is a name)."""
     if s.isascii() and s.isdigit():
         n = int(s)
         return n if n <= MAX_ID else None
     return None
 
 
+def _field(s: str) -> int:
+    """An id field of /etc/passwd or /etc/group; garbage reads as 0, as libcontainer's."""
+    return _number(s) or 0
+
+
 def resolve(spec: str, passwd: str, group: str) -> ExecUser:
-    user_part, sep, group_part = spec.partition(":")
+    user_part, _, group_part = spec.partition(":")  # "alice:" is plain "alice"
     uid_arg = _number(user_part)
-    entry = None
-    for row in _parse(passwd, 7):
-        if (uid_arg is None and row[0] == user_part) or (uid_arg is not None and row[2] == str(uid_arg)):
-            entry = row
-            break
+    entry = next((row for row in _parse(passwd, 7)
+                  if (row[0] == user_part if uid_arg is None else _field(row[2]) == uid_arg)), None)
     if entry is not None:
-        user = ExecUser(int(entry[2]), int(entry[3]) if entry[3].isdigit() else 0, [], entry[5] or "/")
-        name = entry[0]
+        user, name = ExecUser(_field(entry[2]), _field(entry[3]), [], entry[5] or "/"), entry[0]
     elif uid_arg is not None:
         user, name = ExecUser(uid_arg, 0), None
     elif user_part:
@@ -69,16 +71,16 @@ def resolve(spec: str, passwd: str, group: str) -> ExecUser:
         user, name = ExecUser(0, 0), None
 
     groups = _parse(group, 4)
-    if sep:
+    if group_part:
         gid_arg = _number(group_part)
-        match = [g for g in groups if (g[0] == group_part if gid_arg is None else g[2] == str(gid_arg))]
-        if match and match[0][2].isdigit():
-            user.gid = int(match[0][2])
+        match = next((g for g in groups
+                      if (g[0] == group_part if gid_arg is None else _field(g[2]) == gid_arg)), None)
+        if match is not None:
+            user.gid = _field(match[2])
         elif gid_arg is not None:
             user.gid = gid_arg
         else:
             raise UnknownUser(f"unable to find group {group_part}: no matching entries in group file")
     elif name is not None:
-        user.groups = [int(g[2]) for g in groups
-                       if g[2].isdigit() and name in g[3].split(",")]
+        user.groups = [_field(g[2]) for g in groups if name in g[3].split(",")]
     return user

@@ -25,6 +25,7 @@ from ..protocol import ipc
 from . import linux
 from .worker import worker_main
 
+
 def main(supervisor_pid: int, fd: int) -> None:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     sock = socket.socket(fileno=fd)
@@ -48,8 +49,8 @@ def main(supervisor_pid: int, fd: int) -> None:
             events = poll.poll()
         except InterruptedError:
             continue
-        for fd, _ in events:
-            if fd == wake_r:
+        for ready, _ in events:
+            if ready == wake_r:
                 os.read(wake_r, 4096)
                 reap()
                 continue

@@ -1,0 +1,110 @@
+"""The floor: what an exec costs from a process that is already in the container.
+
+    python3 -m bench.floor --root ROOT --container CID -n 2000 [--warmup 20]
+
+Joins one runc container exactly as a warmexec spawner does (the worker's ``join``:
+namespaces through setns on the init's pidfd, then the container's cgroups by writing
+"0" to each ``cgroup.procs``, then its cgroup namespace) and times ``posix_spawn`` of
+``/bin/true`` plus ``waitpid``. No IPC, no supervisor: the cost any exec mechanism
+must pay at least, so the other methods can be stated as a multiple of it.
+
+Why a separate process: setns into a mount namespace needs a single-threaded
+process, and the bench holds a ZeroMQ context (whose I/O threads would make it
+multithreaded). Once joined, paths resolve inside the container, so everything is
+imported and every host-side fd (stdout, the host's /proc) is open *before* joining.
+
+Prints one JSON object on stdout: ``samples_ns``, ``failures`` and ``checks`` (the
+joined state, read through the host's /proc, so a floor that silently measured the
+host cannot pass for one that measured the container).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from warmexec.supervisor import discovery
+from warmexec.worker import linux
+from warmexec.worker.worker import join
+
+TRUE = "/bin/true"
+
+
+def enter(root: str, cid: str) -> dict:
+    """Join cid's namespaces and cgroups as a spawner would; return the worker spec."""
+    spec = discovery.from_state(root, cid, os.path.join(root, cid, "state.json")).spec()
+    state = join(spec)
+    for fd in state["cgroup_fds"]:
+        os.write(fd, b"0")  # "0": the writer itself, whatever pid namespace it sees
+        os.close(fd)
+    if state["cgroupns_fd"] is not None:
+        linux.setns(state["cgroupns_fd"], linux.CLONE_NEWCGROUP)
+        os.close(state["cgroupns_fd"])
+    return spec
+
+
+def _read(procfd: int, rel: str) -> str:
+    fd = os.open(rel, os.O_RDONLY | os.O_CLOEXEC, dir_fd=procfd)
+    try:
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
+def check_joined(procfd: int, init_pid: int) -> dict:
+    """Compare us, and a child we spawn, with the container's init via the host /proc.
+
+    The child (``cat`` blocked on an empty pipe) shows the namespaces the measured
+    ``true`` processes get; pid namespace membership only shows in children.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.posix_spawn("/bin/cat", ["cat"], {}, file_actions=[(os.POSIX_SPAWN_DUP2, r, 0)])
+    os.close(r)
+    try:
+        checks = {ns: os.readlink(f"{pid}/ns/{ns}", dir_fd=procfd)
+                  == os.readlink(f"{init_pid}/ns/{ns}", dir_fd=procfd)
+                  for ns in ("pid", "mnt", "net", "ipc", "uts", "cgroup")}
+        checks["cgroups"] = _read(procfd, f"{os.getpid()}/cgroup") == _read(procfd, f"{init_pid}/cgroup")
+    finally:
+        os.close(w)  # cat sees EOF and exits
+        os.waitpid(pid, 0)
+    return checks
+
+
+def measure(n: int) -> tuple[list[int], int]:
+    """n timed spawn+wait round trips of /bin/true; (latencies in ns, failures)."""
+    samples = []
+    failures = 0
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        pid = os.posix_spawn(TRUE, ["true"], {})
+        _, status = os.waitpid(pid, 0)
+        samples.append(time.perf_counter_ns() - t0)
+        failures += status != 0
+    return samples, failures
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", required=True, help="runc state root")
+    p.add_argument("--container", required=True, help="runc container id")
+    p.add_argument("-n", type=int, default=2000, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=20, help="untimed iterations first")
+    args = p.parse_args()
+    procfd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the host's
+    spec = enter(args.root, args.container)
+    # From here on paths resolve in the container: no imports, no host paths.
+    checks = check_joined(procfd, spec["init_pid"])
+    _, warm_failures = measure(args.warmup)
+    samples, failures = measure(args.n)
+    sys.stdout.write(json.dumps({"samples_ns": samples, "failures": failures + warm_failures,
+                                 "checks": checks}))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
