@@ -42,7 +42,7 @@ class SupervisorProcess:
     """`warmexec serve` watching one runc root, its log in workdir/supervisor.log."""
 
     def __init__(self, runc_root: str, workdir: str, config: str = "", metrics: bool = True,
-                 log_level: str = "DEBUG") -> None:
+                 log_level: str = "DEBUG", scan_interval: float | None = None) -> None:
         self.workdir = workdir
         self.endpoint = f"ipc://{workdir}/warmexec.sock"
         self.metrics_port = free_port() if metrics else None
@@ -51,8 +51,9 @@ class SupervisorProcess:
             f.write(config)
         self.log_path = os.path.join(workdir, "supervisor.log")
         cmd = [sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root", runc_root,
-               "--endpoint", self.endpoint, "--config", self.config, "--scan-interval", "0.1",
-               "--log-level", log_level]
+               "--endpoint", self.endpoint, "--config", self.config, "--log-level", log_level]
+        if scan_interval is not None:
+            cmd += ["--scan-interval", str(scan_interval)]
         if metrics:
             cmd += ["--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
         with open(self.log_path, "wb") as log:

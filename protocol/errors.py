@@ -13,6 +13,7 @@ SPAWN_FAILED = "SPAWN_FAILED"  # any other failure to start the process
 BUSY = "BUSY"  # in-flight limit reached
 WORKER_LOST = "WORKER_LOST"  # the container's worker died with the exec in flight
 CONTAINER_EXITED = "CONTAINER_EXITED"  # the container stopped with the exec in flight
+CONTAINER_PAUSED = "CONTAINER_PAUSED"  # frozen (runc pause): refused, as runc exec does
 WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"  # the container's namespaces cannot be joined
 EXISTS = "EXISTS"  # attach of a name already in use
 TIMEOUT = "TIMEOUT"  # no reply / no worker in time (a command's own timeout is timed_out)

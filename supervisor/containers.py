@@ -76,6 +76,7 @@ class Runtime:
         self.spawners: dict[tuple[str, bool], Spawner] = {}
         self.waiting: list[Exec] = []  # until the worker is ready
         self.oom_seen = oom_kills(info)
+        self.freezer_fds = _freezer_fds(info)
 
     @property
     def name(self) -> str:
@@ -93,6 +94,15 @@ class Runtime:
             self.retry_at = self.since + min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.failures - 1))
         self.emit("worker.state", container=self.name, old=old.name, new=new.name, reason=reason)
 
+    def paused(self) -> bool:
+        """Frozen by `runc pause` (v1 freezer.state or v2 cgroup.events)? An exec would
+        hang until thawed, so it is refused as runc refuses it."""
+        for fd in self.freezer_fds:
+            state = os.pread(fd, 256, 0)
+            if state.startswith((b"FROZEN", b"FREEZING")) or b"frozen 1" in state:
+                return True
+        return False
+
     def inflight(self) -> int:
         return len(self.waiting) + sum(len(s.waiting) + len(s.inflight) for s in self.spawners.values())
 
@@ -106,12 +116,26 @@ class Runtime:
         if self.init_pidfd >= 0:
             os.close(self.init_pidfd)
             self.init_pidfd = -1
+        for fd in self.freezer_fds:
+            os.close(fd)
+        self.freezer_fds = []
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.name, "pid": self.info.init_pid, "source": self.info.source,
                 "state": self.state.name, "worker_pid": self.worker_pid,
                 "spawners": len(self.spawners), "inflight": self.inflight(),
                 "restarts": self.restarts, "last_error": self.last_error or None}
+
+
+def _freezer_fds(info: Container) -> list[int]:
+    fds = []
+    for procs in info.cgroup_procs:
+        for name in ("freezer.state", "cgroup.events"):
+            try:
+                fds.append(os.open(os.path.join(os.path.dirname(procs), name), os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                continue
+    return fds
 
 
 def oom_kills(info: Container) -> int:

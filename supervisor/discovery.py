@@ -58,17 +58,15 @@ def expand_roots(patterns: list[str]) -> list[str]:
 
 
 def scan(root: str) -> dict[str, str]:
-    """Container id -> state.json path for every container under a root."""
-    found = {}
+    """Container id -> state.json path for every container directory under a root.
+
+    A directory whose state.json is not written yet is listed too, so that it can be
+    watched for the file's arrival."""
     try:
-        names = os.listdir(root)
+        with os.scandir(root) as entries:
+            return {e.name: os.path.join(e.path, "state.json") for e in entries if e.is_dir()}
     except OSError:
-        return found
-    for name in names:
-        path = os.path.join(root, name, "state.json")
-        if os.path.isfile(path):
-            found[name] = path
-    return found
+        return {}
 
 
 def joinable_namespaces(pid: int) -> list[str]:

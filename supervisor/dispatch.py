@@ -52,6 +52,7 @@ class Dispatcher:
         self.forks: dict[int, Runtime] = {}
         self.spawner_requests: dict[int, tuple[Runtime, Spawner]] = {}
         self.tags = itertools.count(1)
+        self.active = 0  # execs received and not yet answered
         self.skipped: dict[str, float] = {}  # state.json path -> mtime seen unusable
         self.devnull_r = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.devnull_w = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
@@ -292,7 +293,7 @@ class Dispatcher:
 
     # ---- execs -------------------------------------------------------------------
     def total_inflight(self) -> int:
-        return sum(rt.inflight() for rt in self.containers.values())
+        return self.active
 
     def submit(self, envelope: list[bytes], req_id: Any, req: messages.ExecRequest) -> None:
         rt = self.containers.get(req.container)
@@ -301,9 +302,12 @@ class Dispatcher:
         if rt.state == State.FATAL:
             raise WarmexecError(errors.WORKER_UNAVAILABLE,
                                 f"cannot join container {rt.name}: {rt.last_error}")
-        if rt.inflight() >= self.max_per_container or self.total_inflight() >= self.max_inflight:
+        if rt.paused():
+            raise WarmexecError(errors.CONTAINER_PAUSED, f"container {rt.name} is paused")
+        if self.active >= self.max_inflight or rt.inflight() >= self.max_per_container:
             raise WarmexecError(errors.BUSY, "too many execs in flight; retry later")
         ex = Exec(envelope, req_id, req)
+        self.active += 1
         if ex.deadline is not None:
             self.loop.call_at(ex.deadline, lambda: self.on_timeout(rt, ex))
         self.route(rt, ex)
@@ -391,6 +395,7 @@ class Dispatcher:
         if ex.done:
             return
         ex.done = True
+        self.active -= 1
         if ex.stdin_fd >= 0:
             self.loop.remove(ex.stdin_fd)
         for s in ex.streams:

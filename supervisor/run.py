@@ -27,7 +27,7 @@ def serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         metrics=metrics,
         hooks=hooks,
         python_hooks=load_python_hooks(hooks.get("python", [])),
-        scan_interval=args.scan_interval or cfg.get("scan_interval", 1.0),
+        scan_interval=args.scan_interval or cfg.get("scan_interval", 2.0),
         max_inflight=limits.get("max_inflight", 1024),
         max_inflight_per_container=limits.get("max_inflight_per_container", 256),
     )

@@ -25,7 +25,7 @@ import zmq
 
 from ..protocol import codec, errors, ipc, messages
 from ..protocol.errors import WarmexecError
-from . import discovery
+from . import discovery, inotify
 from .dispatch import Dispatcher, ZygoteLost
 from .hooks import Hooks
 
@@ -104,7 +104,7 @@ class Zygote:
 
 class Supervisor:
     def __init__(self, endpoint: str, roots: list[str], metrics: Any = None, hooks: dict | None = None,
-                 python_hooks: list[Any] = (), scan_interval: float = 1.0, max_inflight: int = 1024,
+                 python_hooks: list[Any] = (), scan_interval: float = 2.0, max_inflight: int = 1024,
                  max_inflight_per_container: int = 256) -> None:
         self.loop = Loop()
         self.hooks = Hooks(self.loop, hooks or {}, metrics, python_hooks)
@@ -118,12 +118,14 @@ class Supervisor:
         self.endpoint = bind(self.router, endpoint)
         self.roots_patterns = roots
         self.scan_interval = scan_interval
+        self.watcher = inotify.Watcher()
         self.dispatch = Dispatcher(self.loop, self.zygote, self.reply, metrics, self.hooks,
                                    max_inflight, max_inflight_per_container)
         if metrics is not None:
             metrics.watch(lambda: list(self.dispatch.containers.values()))
         self.loop.add(self.router.getsockopt(zmq.FD), self._on_router)
         self.loop.add(self.zygote.sock.fileno(), self._on_zygote)
+        self.loop.add(self.watcher.fd, self._on_inotify)
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.loop.add(self._wake_r, self._on_signal)
@@ -134,7 +136,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)  # handlers only record: the wakeup fd
         try:
-            self.rescan()
+            self._periodic_rescan()
             while not self.stopping or self.dispatch.total_inflight():
                 self.loop.run_once()
                 self._on_router(0)
@@ -159,6 +161,7 @@ class Supervisor:
     def close(self) -> None:
         self.dispatch.close()
         self.hooks.close()
+        self.watcher.close()
         self.router.close(linger=0)
         self.ctx.term()
         self.zygote.close()
@@ -181,13 +184,24 @@ class Supervisor:
 
     # ---- discovery -------------------------------------------------------------
     def rescan(self) -> None:
+        """List every root; watch what is new; add and drop containers."""
         seen: dict[str, tuple[str, str]] = {}
         for root in discovery.expand_roots(self.roots_patterns):
+            self.watcher.watch(root, inotify.ROOT_EVENTS)
             for cid, path in discovery.scan(root).items():
+                self.watcher.watch(os.path.dirname(path), inotify.DIR_EVENTS)
                 seen.setdefault(cid, (root, path))
         self.dispatch.sync_discovered(seen)
+
+    def _periodic_rescan(self) -> None:
+        """A safety net under inotify (and what finds roots created later)."""
+        self.rescan()
         if not self.stopping:
-            self.loop.call_at(time.monotonic() + self.scan_interval, self.rescan)
+            self.loop.call_at(time.monotonic() + self.scan_interval, self._periodic_rescan)
+
+    def _on_inotify(self, _mask: int) -> None:
+        if self.watcher.drain() and not self.stopping:
+            self.rescan()
 
     # ---- the wire --------------------------------------------------------------
     def _on_router(self, _mask: int) -> None:

@@ -33,12 +33,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 class Supervisor(SupervisorProcess):
-    """The harness's supervisor with a hooks directory for the hook tests."""
+    """The harness's supervisor with a hooks directory for the hook tests.
+
+    Its periodic rescan is an hour apart: every container the tests start is found
+    through inotify alone, so the tests prove that path.
+    """
 
     def __init__(self, box: RuncBox, workdir: str, config: str = "") -> None:
         self.hook_dir = os.path.join(workdir, "hooks")
         os.makedirs(self.hook_dir, exist_ok=True)
-        super().__init__(box.root, workdir, config)
+        super().__init__(box.root, workdir, config, scan_interval=3600)
 
 
 HOOK_SCRIPT = """import json, sys, os

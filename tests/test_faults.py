@@ -3,6 +3,7 @@ clear error for the client, and leaves no process behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -152,3 +153,39 @@ def _descendants(pid: int) -> list[int]:
         out.extend(kids)
         todo.extend(kids)
     return out
+
+
+def test_paused_container_is_refused_like_runc(box, client, container):
+    subprocess.run(["runc", "--root", box.root, "pause", container], check=True)
+    try:
+        with pytest.raises(WarmexecError) as e:
+            client.exec(container, ["true"])
+        assert e.value.code == errors.CONTAINER_PAUSED
+        assert box.exec(container, ["true"]).returncode != 0  # runc refuses it too
+    finally:
+        subprocess.run(["runc", "--root", box.root, "resume", container], check=True)
+    assert client.exec(container, ["true"])["exit_code"] == 0
+
+
+def test_python_hooks_run_and_their_failures_stay_inside(box, tmp_path, monkeypatch):
+    log = tmp_path / "hook.log"
+    monkeypatch.setenv("WARMEXEC_TEST_HOOK_LOG", str(log))
+    sup = Supervisor(box, str(tmp_path), '[hooks]\npython = ["tests.pyhook:RecordingHook"]\n')
+    cid = box.run("pyhook")
+    try:
+        with Client(sup.endpoint) as c:
+            wait_ready(c, cid)
+            r = c.exec(cid, ["sh", "-c", "exit 99"])
+            assert r["exit_code"] == 99
+            assert c.exec(cid, ["true"])["exit_code"] == 0
+
+        def events():
+            lines = log.read_text().splitlines() if log.exists() else []
+            return [json.loads(x) for x in lines] if len(lines) >= 4 else None
+        docs = wait_for(events, 10, "four hook events")
+        mine = [d for d in docs if d["pid"] == r["pid"]]
+        assert {d["event"] for d in mine} == {"start", "exit"}
+        assert "python exit hook" in sup.read_log()  # the exception was logged, not raised
+    finally:
+        sup.stop()
+        box.delete(cid)

@@ -33,16 +33,21 @@ from ..protocol import ipc
 from . import creds, linux
 
 
-def spawner_main(sock: socket.socket, spec: dict, profile: dict,
-                 cgroup_fds: list[int], cgroupns_fd: int | None) -> None:
+def spawner_main(sock: socket.socket, spec: dict, profile: dict, joined: dict) -> None:
+    """Become the profile's spawner; ``joined`` holds the fds the worker opened on the
+    host before it joined the container (see worker.join)."""
     # Our worker as we see it: 0 when it is outside our pid namespace (a container's).
     worker = os.getppid()
-    for fd in cgroup_fds:
+    for fd in joined["cgroup_fds"]:
         os.write(fd, b"0")  # "0" is the writer itself, whatever pid namespace it is in
         os.close(fd)
-    if cgroupns_fd is not None:
-        linux.setns(cgroupns_fd, linux.CLONE_NEWCGROUP)
-        os.close(cgroupns_fd)
+    if joined["cgroupns_fd"] is not None:
+        linux.setns(joined["cgroupns_fd"], linux.CLONE_NEWCGROUP)
+        os.close(joined["cgroupns_fd"])
+    # Nothing of the supervisor's (its log files, its terminal) stays open in here.
+    for target in (0, 1, 2):
+        os.dup2(joined["devnull"], target)
+    os.close(joined["devnull"])
     creds.apply(profile)
     # A uid change clears the parent-death signal and the dumpable flag: set both now.
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -51,6 +51,7 @@ def join(spec: dict) -> dict:
     if spec.get("init_start") is not None and start_time(init_pid) != spec["init_start"]:
         raise OSError(3, "container init pid was reused (start time differs)")
     cgroup_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in spec["cgroup_procs"]]
+    devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)  # the host's, for spawners' stdio
     flags = 0
     cgroupns_fd = None
     for name in spec["namespaces"]:
@@ -66,7 +67,7 @@ def join(spec: dict) -> dict:
         linux.setns(pidfd, flags)
     if spec.get("keyring"):
         linux.join_session_keyring(spec["keyring"])
-    return {"pidfd": pidfd, "cgroup_fds": cgroup_fds, "cgroupns_fd": cgroupns_fd}
+    return {"pidfd": pidfd, "cgroup_fds": cgroup_fds, "cgroupns_fd": cgroupns_fd, "devnull": devnull}
 
 
 def start_time(pid: int) -> int | None:
@@ -130,8 +131,7 @@ class Worker:
                 os.close(self.state["pidfd"])
                 for pidfd in self.spawners:
                     os.close(pidfd)
-                spawner_main(theirs, self.spec, profile, self.state["cgroup_fds"],
-                             self.state["cgroupns_fd"])
+                spawner_main(theirs, self.spec, profile, self.state)
                 code = 0
             except OSError as exc:  # could not take the profile: tell the supervisor why
                 ipc.send(theirs, {"op": "fatal", "errno": exc.errno or 0,

@@ -1,0 +1,69 @@
+"""inotify, through ctypes: so a new container's state is seen at once, not at the next poll.
+
+runc creates ``<root>/<id>/`` and then renames ``state.json`` into it. The supervisor
+watches each root (a directory appears or goes) and each container directory (the
+state file is renamed in or rewritten); any event triggers a rescan, and the rescan
+adds watches for directories it has not seen before, so nothing falls in between.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+IN_CLOSE_WRITE = 0x008
+IN_MOVED_FROM = 0x040
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x01000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+ROOT_EVENTS = IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM | IN_ONLYDIR
+DIR_EVENTS = IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE | IN_DELETE_SELF | IN_ONLYDIR
+_HEADER = 16  # struct inotify_event without its name: wd, mask, cookie, len
+
+
+class Watcher:
+    def __init__(self) -> None:
+        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.fd = fd
+        self.paths: dict[str, int] = {}
+        self.wds: dict[int, str] = {}
+
+    def watch(self, path: str, mask: int) -> None:
+        if path in self.paths:
+            return
+        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+        if wd >= 0:  # a directory that vanished meanwhile is simply not watched
+            self.paths[path] = wd
+            self.wds[wd] = path
+
+    def drain(self) -> int:
+        """Read every pending event; return how many there were."""
+        count = 0
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return count
+            offset = 0
+            while offset + _HEADER <= len(data):
+                wd = int.from_bytes(data[offset:offset + 4], "little", signed=True)
+                mask = int.from_bytes(data[offset + 4:offset + 8], "little")
+                length = int.from_bytes(data[offset + 12:offset + 16], "little")
+                offset += _HEADER + length
+                count += 1
+                if mask & IN_IGNORED:  # the watched directory is gone
+                    self.paths.pop(self.wds.pop(wd, ""), None)
+
+    def close(self) -> None:
+        os.close(self.fd)
