@@ -83,16 +83,26 @@ class RuncBox:
         cfg["root"] = {"path": "rootfs", "readonly": False}
         return cfg
 
-    def run(self, name: str, cfg: dict | None = None) -> str:
-        """Start a container; return its runc id."""
+    def run(self, name: str, cfg: dict | None = None, userns_base: int | None = None) -> str:
+        """Start a container; return its runc id.
+
+        With userns_base, the container gets its own user namespace mapping ids 0-65535
+        to userns_base..userns_base+65535 on the host, and its rootfs is chowned to match.
+        """
         cid = self.prefix + name
         bundle = os.path.join(self.dir, "bundles", cid)
         if os.path.exists(bundle):
             shutil.rmtree(bundle)
         os.makedirs(bundle)
-        shutil.copytree(self._rootfs, os.path.join(bundle, "rootfs"), symlinks=True)
+        rootfs = os.path.join(bundle, "rootfs")
+        subprocess.run(["cp", "-a", self._rootfs, rootfs], check=True)  # keeps owners and modes
+        cfg = cfg or self.config()
+        if userns_base is not None:
+            cfg = map_user_namespace(cfg, rootfs, userns_base)
+            for d in (self.dir, os.path.dirname(bundle), bundle):
+                os.chmod(d, 0o711)  # the mapped root must be able to reach its rootfs
         with open(os.path.join(bundle, "config.json"), "w") as f:
-            json.dump(cfg or self.config(), f)
+            json.dump(cfg, f)
         with open(os.path.join(bundle, "runc.log"), "wb") as log:
             subprocess.run(["runc", "--root", self.root, "run", "-d", "--pid-file",
                             os.path.join(bundle, "pid"), cid], cwd=bundle, stdin=subprocess.DEVNULL,
@@ -145,3 +155,21 @@ class RuncBox:
         for cid in list(self.ids):
             self.delete(cid)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def map_user_namespace(cfg: dict, rootfs: str, base: int) -> dict:
+    """A copy of cfg with a user namespace mapping 0-65535 to base.., rootfs chowned."""
+    cfg = copy.deepcopy(cfg)
+    cfg["linux"]["namespaces"].append({"type": "user"})
+    mapping = [{"containerID": 0, "hostID": base, "size": 65536}]
+    cfg["linux"]["uidMappings"] = mapping
+    cfg["linux"]["gidMappings"] = copy.deepcopy(mapping)
+    def shift(path: str) -> None:
+        st = os.lstat(path)
+        os.lchown(path, base + st.st_uid, base + st.st_gid)
+
+    shift(rootfs)
+    for top, dirs, files in os.walk(rootfs):
+        for name in dirs + files:
+            shift(os.path.join(top, name))
+    return cfg
