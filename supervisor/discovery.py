@@ -108,6 +108,10 @@ def from_state(root: str, cid: str, state_path: str) -> Container:
     if not isinstance(pid, int) or pid <= 0:
         raise DiscoveryError(f"{state_path}: no init pid")
     process = _process(oci.get("process") or {}, cfg)
+    process["seccomp"] = (oci.get("linux") or {}).get("seccomp")
+    if not oci and cfg.get("seccomp"):  # fail closed: never exec less confined than runc
+        process["seccomp"] = {"error": f"{cid}: the bundle's config.json is unreadable, so its "
+                                       "seccomp profile cannot be applied"}
     annotations = oci.get("annotations") or {}
     return Container(
         id=cid, init_pid=pid, init_start=state.get("init_process_start"),

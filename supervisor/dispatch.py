@@ -243,7 +243,8 @@ class Dispatcher:
         msg, fds = ipc.recv(sp.sock)
         if msg is None:
             dead = _dying(rt)
-            code = errors.CONTAINER_EXITED if dead else errors.WORKER_LOST
+            code = (errors.CONTAINER_EXITED if dead else
+                    errors.SPAWN_FAILED if sp.error else errors.WORKER_LOST)
             why = "container exited" if dead else (sp.error or "spawner exited")
             return self.drop_spawner(rt, sp, code, f"{rt.name}: {why}")
         op = msg.get("op")

@@ -7,7 +7,9 @@ starts is a plain vfork+exec that inherits all of it.
 
 The order of :func:`apply` is runc's (finalizeNamespace): rlimits while still root,
 the bounding set, keep-caps across the uid change, groups/gid/uid, then effective,
-permitted and inheritable, then ambient; no_new_privs and the umask last.
+permitted and inheritable, then ambient; no_new_privs and the umask last. The seccomp
+filter goes last when no_new_privs is set, else first (loading it then needs
+CAP_SYS_ADMIN, which the later steps may drop), as runc orders it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import errno
 import os
 import resource
 
-from . import linux
+from . import linux, seccomp
 from .users import ExecUser, resolve
 
 #: rlimits a long-lived Python spawner cannot itself live under (cumulative CPU time,
@@ -58,7 +60,7 @@ def make_profile(process: dict, spec: str | None, privileged: bool) -> dict:
     return {
         "uid": user.uid, "gid": user.gid, "groups": user.groups, "home": user.home,
         "caps": caps, "no_new_privs": bool(process["no_new_privs"]),
-        "rlimits": rlimits, "umask": process["umask"],
+        "rlimits": rlimits, "umask": process["umask"], "seccomp": process.get("seccomp"),
     }
 
 
@@ -70,6 +72,9 @@ def deferred_rlimits(profile: dict) -> list[list[int]]:
 def apply(profile: dict) -> None:
     """Take on the profile's credentials. Must run as root, single-threaded."""
     deferred = deferred_rlimits(profile)
+    nnp, filt = profile["no_new_privs"], profile.get("seccomp")
+    if filt and not nnp:  # without no_new_privs, loading needs CAP_SYS_ADMIN: load it first
+        seccomp.load(filt)
     for res, soft, hard in profile["rlimits"]:
         if [res, soft, hard] not in deferred:
             resource.setrlimit(res, (_lim(soft), _lim(hard)))
@@ -91,9 +96,11 @@ def apply(profile: dict) -> None:
             except OSError as exc:  # not in permitted & inheritable: the kernel refuses,
                 if exc.errno not in (errno.EPERM, errno.EINVAL):  # as it does for runc
                     raise
-    if profile["no_new_privs"]:
+    if nnp:
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
     os.umask(profile["umask"])
+    if filt and nnp:  # the last step, so it restricts the command and nothing before it
+        seccomp.load(filt)
 
 
 def _lim(value: int) -> int:
