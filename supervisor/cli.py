@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", metavar="FILE", help="TOML config (hooks, limits)")
     s.add_argument("--no-container-label", action="store_true",
                    help="drop the container label from metrics (hosts with thousands of containers)")
-    s.add_argument("--scan-interval", type=float, default=None, help="seconds between full rescans of the state roots (inotify sees changes at once; default 2)")
+    s.add_argument("--scan-interval", type=float, default=None,
+                   help="seconds between full rescans of the state roots (default 2; inotify "
+                        "sees changes at once)")
     s.add_argument("--log-level", default="INFO")
     s.set_defaults(func=cmd_serve)
 

@@ -109,6 +109,7 @@ def from_state(root: str, cid: str, state_path: str) -> Container:
         raise DiscoveryError(f"{state_path}: no init pid")
     process = _process(oci.get("process") or {}, cfg)
     process["seccomp"] = (oci.get("linux") or {}).get("seccomp")
+    process["refuse"] = _unapplied_lsm(oci.get("process") or {})
     if not oci and cfg.get("seccomp"):  # fail closed: never exec less confined than runc
         process["seccomp"] = {"error": f"{cid}: the bundle's config.json is unreadable, so its "
                                        "seccomp profile cannot be applied"}
@@ -151,6 +152,16 @@ def _process(proc: dict, cfg: dict) -> dict:
         "umask": 0o022 if umask is None else umask,
         "oom_score_adj": proc.get("oomScoreAdj", cfg.get("oom_score_adj")),
     }
+
+
+def _unapplied_lsm(proc: dict) -> str | None:
+    """A reason to refuse execs: an LSM label this host enforces but warmexec does not
+    apply yet. Where the kernel lacks the LSM, runc ignores the label too."""
+    if proc.get("apparmorProfile") and os.path.exists("/sys/kernel/security/apparmor"):
+        return "the container has an AppArmor profile, which warmexec does not apply yet"
+    if proc.get("selinuxLabel") and os.path.exists("/sys/fs/selinux/enforce"):
+        return "the container has an SELinux label, which warmexec does not apply yet"
+    return None
 
 
 _RLIMIT_NAMES = dict(enumerate((

@@ -50,6 +50,8 @@ def exec_user(process: dict, spec: str | None) -> ExecUser:
 
 
 def make_profile(process: dict, spec: str | None, privileged: bool) -> dict:
+    if process.get("refuse"):  # fail closed: never less confined than runc exec
+        raise PermissionError(errno.EPERM, process["refuse"])
     user = exec_user(process, spec)
     caps = {name: linux.cap_mask(process["caps"].get(name)) for name in _CAP_SETS}
     if privileged:

@@ -115,6 +115,9 @@ class Worker:
         except UnknownUser as exc:
             return ipc.send(self.sock, {"op": "spawner", "tag": tag, "ok": False,
                                         "code": "NO_SUCH_USER", "message": str(exc)})
+        except PermissionError as exc:
+            return ipc.send(self.sock, {"op": "spawner", "tag": tag, "ok": False,
+                                        "code": "SPAWN_FAILED", "message": exc.strerror})
         ours, theirs = ipc.socketpair()
         try:
             pid = os.fork()
