@@ -40,7 +40,12 @@ def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
     try:
         data, anc, _, _ = sock.recvmsg(MAX_IPC, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
     except ConnectionResetError:
-        return None, []
+        # The peer died with our messages unread: the kernel reports that once, ahead
+        # of what the peer had sent us before dying (say, why it failed). Read on.
+        try:
+            data, anc, _, _ = sock.recvmsg(MAX_IPC, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+        except ConnectionResetError:
+            return None, []
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -26,7 +26,7 @@ from ..protocol import errors, ipc, messages
 from ..protocol.errors import WarmexecError
 from . import discovery, status
 from .containers import MAX_FAILURES, Runtime, Spawner, State, oom_kills
-from .execs import Exec, Stream
+from .execs import Exec
 
 log = logging.getLogger("warmexec")
 
@@ -54,8 +54,6 @@ class Dispatcher:
         self.tags = itertools.count(1)
         self.active = 0  # execs received and not yet answered
         self.skipped: dict[str, float] = {}  # state.json path -> mtime seen unusable
-        self.devnull_r = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        self.devnull_w = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
         self.loop.call_at(time.monotonic() + SPAWNER_IDLE, self.sweep_spawners)
 
     # ---- events ------------------------------------------------------------------
@@ -241,6 +239,8 @@ class Dispatcher:
 
     def on_spawner(self, rt: Runtime, sp: Spawner) -> None:
         msg, fds = ipc.recv(sp.sock)
+        for fd in fds:  # spawners send no descriptors
+            os.close(fd)
         if msg is None:
             dead = _dying(rt)
             code = (errors.CONTAINER_EXITED if dead else
@@ -249,39 +249,47 @@ class Dispatcher:
             return self.drop_spawner(rt, sp, code, f"{rt.name}: {why}")
         op = msg.get("op")
         ex = sp.inflight.get(msg.get("id"))
-        if op == "started" and ex is not None:
-            ex.started = time.monotonic()
-            if fds:
-                ex.pidfd = fds.pop()  # kept: to kill the group if the exec is lost
-                ex.pid, ex.container_pid = pidfd_pids(ex.pidfd)
-            ipc.send(sp.sock, {"op": "ack", "id": ex.exec_id})  # now it may be reaped
-            if self.metrics is not None:
-                self.metrics.spawned(rt.name, ex.started - ex.received)
-            self.hook("start", rt, ex)
-        elif op == "failed" and ex is not None:
+        if op == "fatal":
+            sp.error = msg.get("message", "")
+        elif ex is None:
+            return
+        elif op == "started":
+            self.on_started(rt, ex, msg)
+        elif op == "out":
+            ex.output[msg.get("stream") == 2].extend(msg.get("data", b""))
+        elif op == "failed":
             del sp.inflight[ex.exec_id]
-            code, message, exit_code = status.spawn_failure(msg.get("errno", 0), msg.get("stage", ""),
-                                                            ex.req.argv[0], ex.req.cwd)
-            if exit_code is None:
-                self.fail(ex, code, message)
-            else:
-                self.finish(ex, rt, messages.ok_reply(
-                    ex.req_id, exit_code=exit_code, signal=None, core_dumped=False, pid=None,
-                    container_pid=None, stdout=b"", stderr=f"warmexec: {message}\n".encode(),
-                    truncated=False, timed_out=False, oom_killed=False, rusage=None,
-                    timings=ex.timings(time.monotonic()), exec_error={"code": code, "message": message}))
-        elif op == "exited" and ex is not None:
+            self.on_failed(rt, ex, msg)
+        elif op == "exited":
             del sp.inflight[ex.exec_id]
             oom = False
             if os.WIFSIGNALED(msg["status"]) and os.WTERMSIG(msg["status"]) == signal.SIGKILL:
                 count = oom_kills(rt.info)
                 oom, rt.oom_seen = count > rt.oom_seen and not ex.timed_out, count
-            rusage = {"utime": msg["utime"], "stime": msg["stime"], "maxrss_kb": msg["maxrss"]}
-            self.finish(ex, rt, messages.ok_reply(ex.req_id, **ex.result(msg["status"], rusage, oom)))
-        elif op == "fatal":
-            sp.error = msg.get("message", "")
-        for fd in fds:
-            os.close(fd)
+            self.finish(ex, rt, messages.ok_reply(ex.req_id, **ex.result(msg, oom)))
+
+    def on_started(self, rt: Runtime, ex: Exec, msg: dict) -> None:
+        ex.started = msg.get("started_at") or time.monotonic()  # CLOCK_MONOTONIC: shared
+        ex.container_pid, ex.pid = msg.get("pid"), msg.get("host_pid")
+        if ex.pid is not None:
+            try:  # kept, to kill the group if the exec is lost
+                ex.pidfd = os.pidfd_open(ex.pid)
+            except OSError:
+                pass  # it has already exited
+        if self.metrics is not None:
+            self.metrics.spawned(rt.name, ex.started - ex.received)
+        self.hook("start", rt, ex)
+
+    def on_failed(self, rt: Runtime, ex: Exec, msg: dict) -> None:
+        code, message, exit_code = status.spawn_failure(msg.get("errno", 0), msg.get("stage", ""),
+                                                        ex.req.argv[0], ex.req.cwd)
+        if exit_code is None:
+            return self.fail(ex, code, message)
+        self.finish(ex, rt, messages.ok_reply(
+            ex.req_id, exit_code=exit_code, signal=None, core_dumped=False, pid=None,
+            container_pid=None, stdout=b"", stderr=f"warmexec: {message}\n".encode(),
+            truncated=False, timed_out=False, oom_killed=False, rusage=None,
+            timings=ex.timings(time.monotonic()), exec_error={"code": code, "message": message}))
 
     def sweep_spawners(self) -> None:
         now = time.monotonic()
@@ -331,33 +339,25 @@ class Dispatcher:
             self.send_spawn(rt, sp, ex)
 
     def send_spawn(self, rt: Runtime, sp: Spawner, ex: Exec) -> None:
-        child = ex.open_stdio(self.devnull_r, self.devnull_w)
+        stdin = ex.open_stdin()
         req = ex.req
+        ex.dispatched = sp.last_used = time.monotonic()  # before the spawner can start it
         try:
-            ipc.send(sp.sock, {"op": "spawn", "id": ex.exec_id, "argv": req.argv,
-                               "env": req.env, "cwd": req.cwd}, child)
+            ipc.send(sp.sock, {"op": "spawn", "id": ex.exec_id, "argv": req.argv, "env": req.env,
+                               "cwd": req.cwd, "capture": req.capture}, stdin)
         except OSError as exc:
             ex.close()
             return self.fail(ex, errors.WORKER_LOST, f"spawner unreachable: {exc.strerror}")
         finally:
-            for fd in child:
-                if fd not in (self.devnull_r, self.devnull_w):
-                    os.close(fd)
-        ex.dispatched = sp.last_used = time.monotonic()
+            for fd in stdin:
+                os.close(fd)
         ex.spawner = sp
         sp.inflight[ex.exec_id] = ex
-        for stream in ex.streams:
-            self.loop.add(stream.fd, lambda _m, s=stream: self.on_output(s))
         if ex.stdin_fd >= 0:
             if ex.write_stdin():
                 ex.close_stdin()
             else:
                 self.loop.add(ex.stdin_fd, lambda _m: self.on_stdin(ex), select.EPOLLOUT)
-
-    def on_output(self, stream: Stream) -> None:
-        if stream.read(budget=1 << 20):
-            self.loop.remove(stream.fd)
-            stream.close()
 
     def on_stdin(self, ex: Exec) -> None:
         if ex.write_stdin():
@@ -399,9 +399,6 @@ class Dispatcher:
         self.active -= 1
         if ex.stdin_fd >= 0:
             self.loop.remove(ex.stdin_fd)
-        for s in ex.streams:
-            if s.fd >= 0:
-                self.loop.remove(s.fd)
         if not reply.get("ok"):
             ex.kill_group()  # a lost exec must not leave its process running
         ex.close()
@@ -414,8 +411,6 @@ class Dispatcher:
     def close(self) -> None:
         for rt in list(self.containers.values()):
             self.remove(rt, "supervisor stopping")
-        os.close(self.devnull_r)
-        os.close(self.devnull_w)
 
 
 PF_EXITING = 0x4
@@ -438,18 +433,3 @@ def _dying(rt: Runtime) -> bool:
         return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
     except (OSError, IndexError, ValueError):
         return True
-
-
-def pidfd_pids(pidfd: int) -> tuple[int | None, int | None]:
-    """(host pid, pid in the innermost namespace) of a pidfd, from its fdinfo."""
-    host = inner = None
-    try:
-        with open(f"/proc/self/fdinfo/{pidfd}") as f:
-            for line in f:
-                if line.startswith("Pid:"):
-                    host = int(line.split()[1])
-                elif line.startswith("NSpid:"):
-                    inner = int(line.split()[-1])
-    except OSError:
-        pass
-    return host, inner

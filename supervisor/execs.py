@@ -1,15 +1,13 @@
-"""One exec in flight: its pipes, captured output, timings and the reply it becomes.
+"""One exec in flight: its request, stdin, collected output, timings and reply.
 
-The supervisor makes the exec's stdio itself: pipes whose child ends go to the
-spawner with the request (SCM_RIGHTS) and whose read ends the supervisor polls. So
-output never passes through the worker, and capture limits are enforced where the
-memory would be spent. Output past the limit is read and dropped (``truncated``), so a
-flood neither grows the supervisor nor blocks the command.
+The spawner owns the command's output pipes and sends what it kept (up to
+``capture`` bytes of each stream) with the exit status, in chunks when it is large;
+so the supervisor handles two small messages per exec and passes a descriptor only
+for stdin, when there is input.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import signal
@@ -19,43 +17,7 @@ from typing import Any
 from ..protocol.messages import ExecRequest
 from . import status
 
-_READ = 65536
 _ids = itertools.count(1)
-
-
-class Stream:
-    __slots__ = ("buf", "fd", "limit", "total")
-
-    def __init__(self, fd: int, limit: int) -> None:
-        self.fd = fd
-        self.buf = bytearray()
-        self.limit = limit
-        self.total = 0
-
-    def read(self, budget: int = 1 << 30) -> bool:
-        """Read what is there (up to budget bytes); True once at end of stream."""
-        while budget > 0:
-            try:
-                chunk = os.read(self.fd, _READ)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                return True
-            if not chunk:
-                return True
-            budget -= len(chunk)
-            self.total += len(chunk)
-            room = self.limit - len(self.buf)
-            if room > 0:
-                self.buf += chunk[:room]
-        return False
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class Exec:
@@ -68,7 +30,7 @@ class Exec:
         self.dispatched: float | None = None
         self.started: float | None = None
         self.deadline = None if req.timeout is None else self.received + req.timeout
-        self.streams: list[Stream] = []
+        self.output = (bytearray(), bytearray())  # chunks sent ahead of the exit
         self.stdin_fd = -1
         self.stdin_left = b""
         self.spawner: Any = None
@@ -78,25 +40,14 @@ class Exec:
         self.timed_out = False
         self.done = False
 
-    def open_stdio(self, devnull_r: int, devnull_w: int) -> list[int]:
-        """Create the pipes; return the child's ends [stdin, stdout, stderr]."""
-        child = []
-        if self.req.stdin:
-            r, w = os.pipe2(os.O_CLOEXEC)
-            os.set_blocking(w, False)
-            self.stdin_fd, self.stdin_left = w, self.req.stdin
-            child.append(r)
-        else:
-            child.append(devnull_r)
-        for _ in range(2):
-            if self.req.capture:
-                r, w = os.pipe2(os.O_CLOEXEC)
-                os.set_blocking(r, False)  # only our end: the command's stays blocking
-                self.streams.append(Stream(r, self.req.capture))
-                child.append(w)
-            else:
-                child.append(devnull_w)
-        return child
+    def open_stdin(self) -> list[int]:
+        """A pipe for the request's input; return the command's end ([] without input)."""
+        if not self.req.stdin:
+            return []
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(w, False)
+        self.stdin_fd, self.stdin_left = w, self.req.stdin
+        return [r]
 
     def write_stdin(self) -> bool:
         """Feed stdin; True once it is all written (or the reader is gone)."""
@@ -115,19 +66,18 @@ class Exec:
             self.stdin_fd = -1
 
     def kill_group(self) -> None:
-        """SIGKILL the exec's process group, if its leader was never reaped."""
+        """SIGKILL the exec's process group, if its leader is still the process we
+        started (its pidfd, taken when it started, says so)."""
         if self.pidfd < 0 or self.pid is None:
             return
         try:
-            signal.pidfd_send_signal(self.pidfd, 0)  # ESRCH once it has been reaped
+            signal.pidfd_send_signal(self.pidfd, 0)  # ESRCH once it has exited
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
 
     def close(self) -> None:
         self.close_stdin()
-        for s in self.streams:
-            s.close()
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -137,18 +87,16 @@ class Exec:
             return None if t is None else int((t - self.received) * 1e6)
         return {"queued": us(self.dispatched), "spawn": us(self.started), "total": us(end)}
 
-    def result(self, wait_status: int, rusage: dict, oom_killed: bool) -> dict:
-        """Fields of the ok reply, output drained to what the exited command wrote."""
-        for s in self.streams:
-            s.read(budget=1 << 20)  # a lingering grandchild cannot keep us here
-        out = self.streams[0] if self.streams else None
-        err = self.streams[1] if self.streams else None
-        now = time.monotonic()
+    def result(self, msg: dict, oom_killed: bool) -> dict:
+        """Fields of the ok reply, from the spawner's exit message."""
+        capture = self.req.capture
         return {
-            **status.decode(wait_status),
+            **status.decode(msg["status"]),
             "pid": self.pid, "container_pid": self.container_pid,
-            "stdout": bytes(out.buf) if out else b"", "stderr": bytes(err.buf) if err else b"",
-            "truncated": any(s.total > s.limit for s in self.streams),
+            "stdout": bytes(self.output[0]) + msg["stdout"],
+            "stderr": bytes(self.output[1]) + msg["stderr"],
+            "truncated": msg["stdout_total"] > capture or msg["stderr_total"] > capture,
             "timed_out": self.timed_out, "oom_killed": oom_killed,
-            "rusage": rusage, "timings": self.timings(now),
+            "rusage": {"utime": msg["utime"], "stime": msg["stime"], "maxrss_kb": msg["maxrss"]},
+            "timings": self.timings(time.monotonic()),
         }

@@ -47,6 +47,11 @@ class Supervisor(SupervisorProcess):
 
 HOOK_SCRIPT = """import json, sys, os
 doc = json.load(sys.stdin)
+try:  # the host's view of the pid, while the process may still run
+    with open("/proc/%s/status" % doc["pid"]) as f:
+        doc["nspid"] = [l.split()[1:] for l in f if l.startswith("NSpid:")][0]
+except (OSError, IndexError, TypeError):
+    doc["nspid"] = None
 name = "%s-%s.json" % (sys.argv[1], doc["exec_id"])
 with open(os.path.join(sys.argv[2], name), "w") as f:
     json.dump(doc, f)

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.root
 
 USERNS_PROBE = PROBE + r"""
 echo '# maps'; cat /proc/self/uid_map /proc/self/gid_map /proc/self/setgroups
-echo '# files'; ls -ln /home; touch /home/alice/probe-$$ 2>&1 | sed 's/-[0-9]*:/:/'; echo "touch=$?"
+echo '# files'; ls -ln /home | awk '{print $1, $3, $4, $9}'; touch /home/alice/probe-$$ 2>&1 | sed 's/-[0-9]*:/:/'; echo "touch=$?"
 """
 
 

@@ -4,19 +4,20 @@ Forked by a worker inside the container's namespaces, a spawner joins the
 container's cgroups, takes one credential profile (see :mod:`creds`) and then serves
 the supervisor directly over its own socketpair::
 
-    supervisor -> {op: spawn, id, argv, env, cwd} + fds [stdin, stdout, stderr]
-    spawner    -> {op: started, id, pid} + fds [pidfd]  |  {op: failed, id, errno, stage}
-    supervisor -> {op: ack, id}
-    spawner    -> {op: exited, id, status, utime, stime, maxrss}
+    supervisor -> {op: spawn, id, argv, env, cwd, capture} (+ fds [stdin] if any input)
+    spawner    -> {op: started, id, pid, host_pid}  |  {op: failed, id, errno, stage}
+    spawner    -> {op: out, id, stream, data}...  (only for output over one message)
+    spawner    -> {op: exited, id, status, utime, stime, maxrss, started_at,
+                   stdout, stderr, stdout_total, stderr_total}
     supervisor -> {op: kill, id, signal}
 
-The supervisor learns the host pid from the pidfd's fdinfo, which only names a
-process that has not been reaped: so a child is reaped only once its start is acked.
-
-Each exec is a posix_spawn (vfork + exec) of the command in a new session with the
-given stdio, so the command inherits cgroups, namespaces and credentials for free.
-Children are reaped through their pidfds with wait4 (for rusage); nothing else here
-has children, so no status is ever stolen.
+Each exec is a posix_spawn (vfork + exec) of the command in a new session, so the
+command inherits cgroups, namespaces and credentials for free. The spawner owns the
+command's output pipes and keeps up to ``capture`` bytes of each (the rest is read and
+dropped), so the supervisor handles two small messages per exec and no descriptors.
+It learns the command's host pid from its pidfd's fdinfo, read through a directory of
+the *host's* procfs that the worker opened before joining the container. Children are
+reaped through their pidfds with wait4 (for rusage); nothing else here has children.
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ import select
 import signal
 import socket
 import stat
+import time
 
 from ..protocol import ipc
 from . import creds, linux
+
+CHUNK = 96 * 1024  # output per message: well under a socketpair's default send buffer
+_READ = 65536
 
 
 def spawner_main(sock: socket.socket, spec: dict, profile: dict, joined: dict) -> None:
@@ -44,6 +49,10 @@ def spawner_main(sock: socket.socket, spec: dict, profile: dict, joined: dict) -
     if joined["cgroupns_fd"] is not None:
         linux.setns(joined["cgroupns_fd"], linux.CLONE_NEWCGROUP)
         os.close(joined["cgroupns_fd"])
+    # Our own fdinfo in the host's procfs: pids read there are host pids. Only this
+    # directory is kept, not the host's /proc.
+    fdinfo = os.open("self/fdinfo", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=joined["proc"])
+    os.close(joined["proc"])
     # Nothing of the supervisor's (its log files, its terminal) stays open in here.
     for target in (0, 1, 2):
         os.dup2(joined["devnull"], target)
@@ -54,12 +63,48 @@ def spawner_main(sock: socket.socket, spec: dict, profile: dict, joined: dict) -
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
     if os.getppid() != worker:  # it died before the death signal was set
         return
-    Spawner(sock, spec, profile).run()
+    Spawner(sock, spec, profile, fdinfo).run()
+
+
+class Output:
+    """One output pipe of one command: keeps ``limit`` bytes, counts the rest."""
+
+    __slots__ = ("fd", "buf", "limit", "total")
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self.fd, self.buf, self.limit, self.total = fd, bytearray(), limit, 0
+
+    def read(self, budget: int) -> bool:
+        """Read what is there, up to budget bytes; True at end of stream."""
+        while budget > 0:
+            try:
+                chunk = os.read(self.fd, _READ)
+            except BlockingIOError:
+                return False
+            except InterruptedError:
+                continue
+            if not chunk:
+                return True
+            budget -= len(chunk)
+            self.total += len(chunk)
+            room = self.limit - len(self.buf)
+            if room > 0:
+                self.buf += chunk[:room]
+        return False
+
+
+class Child:
+    __slots__ = ("pid", "pidfd", "exec_id", "outputs", "started_at")
+
+    def __init__(self, pid: int, pidfd: int, exec_id: object, outputs: list[Output]) -> None:
+        self.pid, self.pidfd, self.exec_id, self.outputs = pid, pidfd, exec_id, outputs
+        self.started_at = time.monotonic()
 
 
 class Spawner:
-    def __init__(self, sock: socket.socket, spec: dict, profile: dict) -> None:
+    def __init__(self, sock: socket.socket, spec: dict, profile: dict, fdinfo: int) -> None:
         self.sock = sock
+        self.fdinfo = fdinfo
         self.base_env = _env_dict(spec["process"]["env"])
         self.base_env.setdefault("HOME", profile["home"])
         self.cwd = spec["process"]["cwd"] or "/"
@@ -70,6 +115,7 @@ class Spawner:
                        and signal.getsignal(s) == signal.SIG_IGN]
         self.children: dict[int, Child] = {}  # pidfd -> child
         self.by_id: dict[object, Child] = {}
+        self.pipes: dict[int, Output] = {}  # read end -> output
         self.poll = select.poll()
         self.poll.register(sock, select.POLLIN)
 
@@ -81,23 +127,21 @@ class Spawner:
                     if msg is None:
                         return  # supervisor gone: children stay, like runc exec's
                     self.handle(msg, fds)
-                else:
-                    self.exited(fd)
+                elif fd in self.pipes:
+                    out = self.pipes[fd]
+                    if out.read(1 << 20):
+                        self.close_output(out)
+                elif fd in self.children:
+                    self.reap(fd)
 
     def handle(self, msg: dict, fds: list[int]) -> None:
         op = msg.get("op")
         if op == "spawn":
             try:
-                self.spawn(msg, fds)
+                self.spawn(msg, fds[0] if fds else 0)  # fd 0 is /dev/null
             finally:
                 for fd in fds:
                     os.close(fd)
-        elif op == "ack":
-            child = self.by_id.get(msg.get("id"))
-            if child is not None:
-                child.acked = True
-                if child.exited:
-                    self.reap(child.pidfd)
         elif op == "kill":
             child = self.by_id.get(msg.get("id"))
             if child is not None:
@@ -106,7 +150,7 @@ class Spawner:
                 except ProcessLookupError:
                     pass
 
-    def spawn(self, msg: dict, fds: list[int]) -> None:
+    def spawn(self, msg: dict, stdin: int) -> None:
         exec_id = msg["id"]
         env = dict(self.base_env)
         env.update(msg.get("env") or {})
@@ -117,20 +161,54 @@ class Spawner:
         path, err = lookup(msg["argv"][0], env.get("PATH"))
         if path is None:
             return self.fail(exec_id, err, "lookup")
-        try:
-            if self.deferred:
-                pid = self.fork_exec(path, msg["argv"], env, fds)
+        capture = msg.get("capture", 0)
+        outputs, child_fds = [], [stdin]
+        for _ in (1, 2):
+            if capture:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(r, False)  # our end only: the command's stays blocking
+                outputs.append(Output(r, capture))
+                child_fds.append(w)
             else:
-                pid = os.posix_spawn(
-                    path, msg["argv"], env,
-                    file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)],
-                    setsid=True, setsigdef=self.sigdef, setsigmask=())
+                child_fds.append(1)  # /dev/null
+        try:
+            pid = self.start(path, msg["argv"], env, child_fds)
         except OSError as exc:
+            for out in outputs:
+                os.close(out.fd)
             return self.fail(exec_id, exc.errno, "exec")
+        finally:
+            for fd in child_fds[1:]:
+                if fd != 1:
+                    os.close(fd)
         pidfd = os.pidfd_open(pid)
-        self.children[pidfd] = self.by_id[exec_id] = Child(pid, pidfd, exec_id)
+        child = self.children[pidfd] = self.by_id[exec_id] = Child(pid, pidfd, exec_id, outputs)
         self.poll.register(pidfd, select.POLLIN)
-        ipc.send(self.sock, {"op": "started", "id": exec_id, "pid": pid}, [pidfd])
+        for out in outputs:
+            self.pipes[out.fd] = out
+            self.poll.register(out.fd, select.POLLIN)
+        ipc.send(self.sock, {"op": "started", "id": exec_id, "pid": pid,
+                             "host_pid": self.host_pid(pidfd), "started_at": child.started_at})
+
+    def start(self, path: str, argv: list[str], env: dict, fds: list[int]) -> int:
+        if self.deferred:
+            return self.fork_exec(path, argv, env, fds)
+        return os.posix_spawn(path, argv, env,
+                              file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)],
+                              setsid=True, setsigdef=self.sigdef, setsigmask=())
+
+    def host_pid(self, pidfd: int) -> int | None:
+        """The child's pid in the host's pid namespace, from its pidfd's fdinfo."""
+        try:
+            fd = os.open(str(pidfd), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.fdinfo)
+            try:
+                data = os.read(fd, 512)
+            finally:
+                os.close(fd)
+            line = data[data.index(b"Pid:"):].split(b"\n", 1)[0]
+            return int(line.split()[1])
+        except (OSError, ValueError):
+            return None
 
     def fork_exec(self, path: str, argv: list[str], env: dict, fds: list[int]) -> int:
         """Fork-per-exec for profiles whose rlimits the spawner must not take itself."""
@@ -166,28 +244,37 @@ class Spawner:
     def fail(self, exec_id: object, err: int | None, stage: str) -> None:
         ipc.send(self.sock, {"op": "failed", "id": exec_id, "errno": err or 0, "stage": stage})
 
-    def exited(self, pidfd: int) -> None:
-        child = self.children[pidfd]
-        self.poll.unregister(pidfd)
-        child.exited = True
-        if child.acked:
-            self.reap(pidfd)
+    def close_output(self, out: Output) -> None:
+        if out.fd >= 0:
+            self.poll.unregister(out.fd)
+            del self.pipes[out.fd]
+            os.close(out.fd)
+            out.fd = -1
 
     def reap(self, pidfd: int) -> None:
-        child = self.children.pop(pidfd)
+        child = self.children[pidfd]
+        pid, status, ru = os.wait4(child.pid, os.WNOHANG)
+        if pid == 0:
+            return  # a stale event for a reused fd number: this child still runs
+        del self.children[pidfd], self.by_id[child.exec_id]
+        self.poll.unregister(pidfd)
         os.close(pidfd)
-        _, status, ru = os.wait4(child.pid, 0)
-        del self.by_id[child.exec_id]
+        for out in child.outputs:  # all the command wrote is in the pipe by now; a
+            if out.fd >= 0:        # lingering grandchild cannot keep us here
+                out.read(1 << 20)
+                self.close_output(out)
+        stdout, stderr = (bytes(o.buf) for o in child.outputs) if child.outputs else (b"", b"")
+        if len(stdout) + len(stderr) > CHUNK:
+            for stream, data in ((1, stdout), (2, stderr)):
+                for i in range(0, len(data), CHUNK):
+                    ipc.send(self.sock, {"op": "out", "id": child.exec_id, "stream": stream,
+                                         "data": data[i:i + CHUNK]})
+            stdout = stderr = b""
+        totals = [o.total for o in child.outputs] or [0, 0]
         ipc.send(self.sock, {"op": "exited", "id": child.exec_id, "status": status,
-                             "utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss": ru.ru_maxrss})
-
-
-class Child:
-    __slots__ = ("acked", "exec_id", "exited", "pid", "pidfd")
-
-    def __init__(self, pid: int, pidfd: int, exec_id: object) -> None:
-        self.pid, self.pidfd, self.exec_id = pid, pidfd, exec_id
-        self.acked = self.exited = False
+                             "utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss": ru.ru_maxrss,
+                             "stdout": stdout, "stderr": stderr,
+                             "stdout_total": totals[0], "stderr_total": totals[1]})
 
 
 def _env_dict(env: list[str]) -> dict[str, str]:

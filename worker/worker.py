@@ -52,6 +52,7 @@ def join(spec: dict) -> dict:
         raise OSError(3, "container init pid was reused (start time differs)")
     cgroup_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in spec["cgroup_procs"]]
     devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)  # the host's, for spawners' stdio
+    proc = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # for host pids
     flags = 0
     cgroupns_fd = None
     for name in spec["namespaces"]:
@@ -67,7 +68,8 @@ def join(spec: dict) -> dict:
         linux.setns(pidfd, flags)
     if spec.get("keyring"):
         linux.join_session_keyring(spec["keyring"])
-    return {"pidfd": pidfd, "cgroup_fds": cgroup_fds, "cgroupns_fd": cgroupns_fd, "devnull": devnull}
+    return {"pidfd": pidfd, "cgroup_fds": cgroup_fds, "cgroupns_fd": cgroupns_fd, "devnull": devnull,
+            "proc": proc}
 
 
 def start_time(pid: int) -> int | None:
