@@ -92,7 +92,7 @@ def test_configured_process(box, client):
         assert "CapAmb:\t0000000000000021" in got and "NoNewPrivs:\t0" in got
         assert "Max open files            4096                 8192" in got
         assert "# oom\n100\n" in got
-        assert [l for l in got.splitlines() if l not in ref] == [], ref
+        assert [line for line in got.splitlines() if line not in ref] == [], ref
         assert got == ref
     finally:
         box.delete(cid)
