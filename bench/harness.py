@@ -42,7 +42,8 @@ class SupervisorProcess:
     """`warmexec serve` watching one runc root, its log in workdir/supervisor.log."""
 
     def __init__(self, runc_root: str, workdir: str, config: str = "", metrics: bool = True,
-                 log_level: str = "DEBUG", scan_interval: float | None = None) -> None:
+                 log_level: str = "DEBUG", scan_interval: float | None = None,
+                 wrapper: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.endpoint = f"ipc://{workdir}/warmexec.sock"
         self.metrics_port = free_port() if metrics else None
@@ -50,7 +51,7 @@ class SupervisorProcess:
         with open(self.config, "w") as f:
             f.write(config)
         self.log_path = os.path.join(workdir, "supervisor.log")
-        cmd = [sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root", runc_root,
+        cmd = [*wrapper, sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root", runc_root,
                "--endpoint", self.endpoint, "--config", self.config, "--log-level", log_level]
         if scan_interval is not None:
             cmd += ["--scan-interval", str(scan_interval)]

@@ -72,6 +72,7 @@ class Runtime:
         self.failures = 0
         self.restarts = 0
         self.last_error = ""
+        self.hopeless = False  # the worker lacked privileges: FATAL at once
         self.retry_at = 0.0
         self.spawners: dict[tuple[str, bool], Spawner] = {}
         self.waiting: list[Exec] = []  # until the worker is ready

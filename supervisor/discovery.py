@@ -1,9 +1,11 @@
 """Finding containers and what an exec into each must get.
 
-A runc-format state root holds ``<root>/<id>/state.json`` (libcontainer's state: init
-pid and start time, cgroup paths, namespace paths, the container config) and points at
-the OCI bundle, whose ``config.json`` has the ``process`` section that ``runc exec``
-starts from (env, cwd, user, capabilities, rlimits, noNewPrivileges). The result is a
+A runc-format state root (runc, containerd's runc shim, Docker, CRI-O) holds
+``<root>/<id>/state.json`` (libcontainer's state: init pid and start time, cgroup
+paths, namespace paths, the container config) and points at the OCI bundle, whose
+``config.json`` has the ``process`` section that ``runc exec`` starts from (env, cwd,
+user, capabilities, rlimits, noNewPrivileges). crun's roots hold ``<root>/<id>/status``
+and a copy of ``config.json`` instead (``from_crun``). The result is a
 :class:`Container`, plain data that travels to the worker as its spec.
 
 ``from_pid`` builds the same for any process (``attach NAME --pid PID``): the exec then
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..protocol.caps import CAP_NAMES
 
-DEFAULT_ROOTS = ("/run/runc", "/run/containerd/runc/*", "/run/docker/runtime-runc/*")
+DEFAULT_ROOTS = ("/run/runc", "/run/containerd/runc/*", "/run/docker/runtime-runc/*", "/run/crun")
 NS_NAMES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup", "time")
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CAP_KEYS = ("bounding", "effective", "permitted", "inheritable", "ambient")
@@ -41,6 +43,12 @@ class Container:
     labels: dict = field(default_factory=dict)
     keyring: str | None = None
 
+    def kubernetes(self) -> tuple[str | None, str | None]:
+        """(pod, namespace) from the annotations CRI-O and containerd's CRI plugin write."""
+        a = self.labels
+        return (a.get("io.kubernetes.pod.name") or a.get("io.kubernetes.cri.sandbox-name"),
+                a.get("io.kubernetes.pod.namespace") or a.get("io.kubernetes.cri.sandbox-namespace"))
+
     def spec(self) -> dict:
         """What the worker needs, as a msgpack-able map."""
         return {"id": self.id, "init_pid": self.init_pid, "init_start": self.init_start,
@@ -57,16 +65,32 @@ def expand_roots(patterns: list[str]) -> list[str]:
     return roots
 
 
-def scan(root: str) -> dict[str, str]:
-    """Container id -> state.json path for every container directory under a root.
+STATE_FILES = ("state.json", "status")  # runc's (and its kin's), crun's
 
-    A directory whose state.json is not written yet is listed too, so that it can be
+
+def scan(root: str) -> dict[str, str]:
+    """Container id -> directory, for every container directory under a root.
+
+    A directory whose state file is not written yet is listed too, so that it can be
     watched for the file's arrival."""
     try:
         with os.scandir(root) as entries:
-            return {e.name: os.path.join(e.path, "state.json") for e in entries if e.is_dir()}
+            return {e.name: e.path for e in entries if e.is_dir()}
     except OSError:
         return {}
+
+
+def state_file(directory: str) -> str | None:
+    for name in STATE_FILES:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load(root: str, cid: str, path: str) -> Container:
+    """The container whose state file is path, whichever runtime wrote it."""
+    return from_crun(root, cid, path) if os.path.basename(path) == "status" else from_state(root, cid, path)
 
 
 def joinable_namespaces(pid: int) -> list[str]:
@@ -120,6 +144,35 @@ def from_state(root: str, cid: str, state_path: str) -> Container:
         cgroup_procs=_procs_files(list((state.get("cgroup_paths") or {}).values())),
         process=process, source=root, labels={**labels, **annotations},
         keyring=None if cfg.get("no_new_keyring") else f"_ses.{cid}")
+
+
+def from_crun(root: str, cid: str, status_path: str) -> Container:
+    """crun's layout: ``<root>/<id>/status`` (init pid, start time, cgroup path) beside a
+    copy of the bundle's ``config.json``. Cgroups are read from the init's
+    /proc/PID/cgroup, which is right for crun's v1 and v2 layouts alike."""
+    try:
+        with open(status_path) as f:
+            status = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DiscoveryError(f"{status_path}: {exc}") from None
+    pid = status.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        raise DiscoveryError(f"{status_path}: no init pid")
+    oci = _load_bundle(os.path.dirname(status_path)) or _load_bundle(status.get("bundle"))
+    if not oci:
+        raise DiscoveryError(f"{cid}: no config.json beside crun's status or in its bundle")
+    proc = oci.get("process") or {}
+    process = _process(proc, {})
+    process["seccomp"] = (oci.get("linux") or {}).get("seccomp")
+    process["refuse"] = _unapplied_lsm(proc)
+    try:
+        cgroups = _host_cgroup_dirs(pid)
+    except OSError as exc:
+        raise DiscoveryError(f"cannot inspect pid {pid}: {exc.strerror}") from None
+    return Container(
+        id=cid, init_pid=pid, init_start=status.get("process-start-time"),
+        namespaces=joinable_namespaces(pid), cgroup_procs=_procs_files(cgroups),
+        process=process, source=root, labels=dict(oci.get("annotations") or {}))
 
 
 def _load_bundle(bundle: str | None) -> dict:

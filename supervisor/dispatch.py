@@ -12,6 +12,7 @@ Every exec ends in exactly one reply through ``finish``; every way a part can di
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -53,7 +54,7 @@ class Dispatcher:
         self.spawner_requests: dict[int, tuple[Runtime, Spawner]] = {}
         self.tags = itertools.count(1)
         self.active = 0  # execs received and not yet answered
-        self.skipped: dict[str, float] = {}  # state.json path -> mtime seen unusable
+        self.skipped: dict[str, float] = {}  # state file -> mtime seen unusable
         self.loop.call_at(time.monotonic() + SPAWNER_IDLE, self.sweep_spawners)
 
     # ---- events ------------------------------------------------------------------
@@ -71,17 +72,18 @@ class Dispatcher:
         for name, rt in list(self.containers.items()):
             if rt.info.source != "attach" and name not in seen:
                 self.remove(rt, "state removed")
-        for cid, (root, path) in seen.items():
+        for cid, (root, directory) in seen.items():
             if cid in self.containers:
                 continue
+            path = discovery.state_file(directory)
             try:
-                mtime = os.stat(path).st_mtime
+                mtime = os.stat(path).st_mtime if path else None
             except OSError:
-                continue
-            if self.skipped.get(path) == mtime:
-                continue
+                mtime = None
+            if mtime is None or self.skipped.get(path) == mtime:
+                continue  # not written yet, or unusable and unchanged since
             try:
-                self.add(discovery.from_state(root, cid, path))
+                self.add(discovery.load(root, cid, path))
                 self.skipped.pop(path, None)
             except (discovery.DiscoveryError, OSError) as exc:
                 self.skipped[path] = mtime  # e.g. a stopped container: retry if it changes
@@ -98,7 +100,9 @@ class Dispatcher:
             raise discovery.DiscoveryError(f"{info.id}: init pid {info.init_pid} has exited")
         self.containers[info.id] = rt
         self.loop.add(pidfd, lambda _m: self.remove(rt, "container exited"))
-        self.emit("container.added", container=info.id, pid=info.init_pid, source=info.source)
+        pod, namespace = info.kubernetes()
+        self.emit("container.added", container=info.id, pid=info.init_pid, source=info.source,
+                  pod=pod, namespace=namespace)
         self.start_worker(rt)
         return rt
 
@@ -181,6 +185,7 @@ class Dispatcher:
                 self.route(rt, ex)
         elif op == "fatal":
             rt.last_error = msg.get("message", "")
+            rt.hopeless = msg.get("errno") in (errno.EPERM, errno.EACCES)  # no retry can help
         elif op == "spawner":
             self.on_spawner_made(rt, msg, fds)
         elif op == "container_exited":
@@ -203,7 +208,7 @@ class Dispatcher:
         rt.restarts += 1
         if self.metrics is not None:
             self.metrics.worker_restart()
-        if rt.failures >= MAX_FAILURES:
+        if rt.failures >= MAX_FAILURES or rt.hopeless:
             rt.transition(State.FATAL, reason)
             for ex in rt.waiting:
                 self.fail(ex, errors.WORKER_UNAVAILABLE, f"cannot join container {rt.name}: {reason}")

@@ -29,7 +29,8 @@ class Metrics:
         disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         self.container_label = container_label
-        c = ("container",) if container_label else ()
+        self.k8s: dict[str, tuple[str, str]] = {}  # container -> (pod, namespace), "" if none
+        c = ("container", "pod", "namespace") if container_label else ()
         r = self.registry
         self.duration = Histogram("warmexec_exec_duration_seconds",
                                   "Exec request received to reply (process exited)", c,
@@ -58,7 +59,9 @@ class Metrics:
         self._table = table
 
     def _c(self, container: str) -> tuple[str, ...]:
-        return (container,) if self.container_label else ()
+        if not self.container_label:
+            return ()
+        return (container, *self.k8s.get(container, ("", "")))
 
     # ---- called from the event loop ------------------------------------------------
     def spawned(self, container: str, seconds: float) -> None:
@@ -92,17 +95,18 @@ class Metrics:
             self.hook_failures.labels(kind, failure).inc()
 
     def event(self, topic: str, fields: dict) -> None:
-        if topic == "container.removed" and self.container_label:
-            self._forget(fields["container"])
+        if topic == "container.added":
+            self.k8s[fields["container"]] = (fields.get("pod") or "", fields.get("namespace") or "")
+        elif topic == "container.removed":
+            if self.container_label:
+                self._forget(fields["container"])
+            self.k8s.pop(fields["container"], None)
 
     def _forget(self, container: str) -> None:
-        for metric in (self.duration, self.spawn, self.timeouts, self.oom):
-            try:
-                metric.remove(container)
-            except KeyError:
-                pass
-        for labels in [k for k in list(self.exits._metrics) if k[0] == container]:
-            self.exits.remove(*labels)
+        """Drop every series of a container that went away, so none goes stale."""
+        for metric in (self.duration, self.spawn, self.timeouts, self.oom, self.exits):
+            for labels in [k for k in list(metric._metrics) if k[0] == container]:
+                metric.remove(*labels)
 
 
 class _LiveCollector:

@@ -188,9 +188,9 @@ class Supervisor:
         seen: dict[str, tuple[str, str]] = {}
         for root in discovery.expand_roots(self.roots_patterns):
             self.watcher.watch(root, inotify.ROOT_EVENTS)
-            for cid, path in discovery.scan(root).items():
-                self.watcher.watch(os.path.dirname(path), inotify.DIR_EVENTS)
-                seen.setdefault(cid, (root, path))
+            for cid, directory in discovery.scan(root).items():
+                self.watcher.watch(directory, inotify.DIR_EVENTS)
+                seen.setdefault(cid, (root, directory))
         self.dispatch.sync_discovered(seen)
 
     def _periodic_rescan(self) -> None:

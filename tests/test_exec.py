@@ -163,7 +163,7 @@ def test_metrics_count_execs(supervisor, client, container):
         client.exec("missing-container", ["true"])
     url = f"http://127.0.0.1:{supervisor.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    assert f'warmexec_exec_exits_total{{code="5",container="{container}"}}' in text
+    assert f'warmexec_exec_exits_total{{code="5",container="{container}",namespace="",pod=""}}' in text
     assert 'warmexec_exec_errors_total{code="NO_SUCH_CONTAINER"}' in text
     assert "warmexec_exec_spawn_seconds_bucket" in text and 'le="5e-05"' in text
     assert 'warmexec_workers{state="READY"}' in text

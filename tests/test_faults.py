@@ -13,7 +13,7 @@ import pytest
 from warmexec.protocol import Client, errors
 from warmexec.protocol.errors import WarmexecError
 
-from .conftest import Supervisor, wait_for, wait_ready
+from .conftest import Supervisor, SupervisorProcess, wait_for, wait_ready
 
 pytestmark = pytest.mark.root
 
@@ -186,6 +186,26 @@ def test_python_hooks_run_and_their_failures_stay_inside(box, tmp_path, monkeypa
         mine = [d for d in docs if d["pid"] == r["pid"]]
         assert {d["event"] for d in mine} == {"start", "exit"}
         assert "python exit hook" in sup.read_log()  # the exception was logged, not raised
+    finally:
+        sup.stop()
+        box.delete(cid)
+
+
+def test_missing_privileges_are_a_clear_error_not_a_partial_join(box, tmp_path):
+    """A supervisor without CAP_SYS_ADMIN cannot setns: the container is FATAL at once,
+    execs say why, and no namespace was joined half-way (setns with a pidfd is atomic)."""
+    cid = box.run("noprivs")
+    sup = SupervisorProcess(box.root, str(tmp_path), wrapper=(
+        "setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin", "--"))
+    try:
+        with Client(sup.endpoint) as c:
+            row = wait_for(lambda: next((r for r in c.list() if r["id"] == cid
+                                         and r["state"] == "FATAL"), None), 10, "FATAL")
+            assert row["restarts"] == 1 and "Operation not permitted" in row["last_error"]
+            with pytest.raises(WarmexecError) as e:
+                c.exec(cid, ["true"])
+            assert e.value.code == errors.WORKER_UNAVAILABLE
+            assert "Operation not permitted" in e.value.message
     finally:
         sup.stop()
         box.delete(cid)

@@ -253,7 +253,9 @@ def test_scrape_has_every_metric_the_dashboard_queries(supervisor, client, conta
     for name in used:
         assert name in text
     for code in ("0", "3", "143", "137"):
-        assert f'warmexec_exec_exits_total{{code="{code}",container="{container}"}}' in text
-    assert f'warmexec_exec_timeouts_total{{container="{container}"}}' in text
+        labels = f'code="{code}",container="{container}",namespace="",pod=""'
+        assert f"warmexec_exec_exits_total{{{labels}}}" in text
+    assert f'warmexec_exec_timeouts_total{{container="{container}",namespace="",pod=""}}' in text
     assert 'warmexec_exec_errors_total{code="BAD_CWD"}' in text
-    assert f'warmexec_exec_duration_seconds_bucket{{container="{container}",le="+Inf"}}' in text
+    assert (f'warmexec_exec_duration_seconds_bucket{{container="{container}",le="+Inf",'
+            'namespace="",pod=""}') in text
