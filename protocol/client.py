@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import zmq
+import zmq.auth
 
 from . import codec, errors
 from .errors import WarmexecError
@@ -32,10 +33,19 @@ def default_endpoint() -> str:
 
 
 class Client:
-    def __init__(self, endpoint: str | None = None, context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str | None = None, context: zmq.Context | None = None,
+                 server_key: str | None = None, client_key: str | None = None) -> None:
+        """server_key: the server's public key file; client_key: our key_secret file
+        (both as ``warmexec keygen`` writes them), for a CurveZMQ endpoint."""
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # A DEALER with no connected peer (supervisor down, or our key refused) blocks
+        # on send: never forever.
+        self.sock.setsockopt(zmq.SNDTIMEO, int(LIVENESS * 1000))
+        if server_key or client_key:
+            self.sock.curve_serverkey, _ = zmq.auth.load_certificate(server_key)
+            self.sock.curve_publickey, self.sock.curve_secretkey = zmq.auth.load_certificate(client_key)
         self.sock.connect(endpoint or default_endpoint())
         self._ids = itertools.count(1)
         self._replies: dict[Any, dict] = {}
@@ -55,7 +65,11 @@ class Client:
         req_id = next(self._ids)
         msg = {"v": VERSION, "id": req_id, "op": op}
         msg.update({k: v for k, v in fields.items() if v is not None})
-        self.sock.send(codec.pack(msg))
+        try:
+            self.sock.send(codec.pack(msg))
+        except zmq.Again:
+            raise WarmexecError(errors.UNREACHABLE, "cannot reach the supervisor (is it running, "
+                                                    "and is our key authorised?)") from None
         self._pending.add(req_id)
         return req_id
 

@@ -11,6 +11,7 @@ PERMISSION = "PERMISSION"  # executable not executable (exit code 126)
 BAD_CWD = "BAD_CWD"  # working directory missing or not enterable
 SPAWN_FAILED = "SPAWN_FAILED"  # any other failure to start the process
 BUSY = "BUSY"  # in-flight limit reached
+FORBIDDEN = "FORBIDDEN"  # the client's key may not do this (access list)
 WORKER_LOST = "WORKER_LOST"  # the container's worker died with the exec in flight
 CONTAINER_EXITED = "CONTAINER_EXITED"  # the container stopped with the exec in flight
 CONTAINER_PAUSED = "CONTAINER_PAUSED"  # frozen (runc pause): refused, as runc exec does

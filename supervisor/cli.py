@@ -50,8 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scan-interval", type=float, default=None,
                    help="seconds between full rescans of the state roots (default 2; inotify "
                         "sees changes at once)")
+    s.add_argument("--insecure-tcp", action="store_true",
+                   help="serve a tcp:// endpoint without CurveZMQ authentication")
     s.add_argument("--log-level", default="INFO")
     s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keygen", help="make a CurveZMQ key pair (NAME.key, NAME.key_secret)")
+    k.add_argument("directory")
+    k.add_argument("name")
+    k.set_defaults(func=cmd_keygen)
 
     e = sub.add_parser("exec", help="run a command in a container")
     _endpoint(e)
@@ -91,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
 def _endpoint(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default=None, help="supervisor endpoint (default $WARMEXEC_ENDPOINT "
                                                     f"or {DEFAULT_ENDPOINT})")
+    p.add_argument("--server-key", default=os.environ.get("WARMEXEC_SERVER_KEY"), metavar="FILE",
+                   help="the server's public key file, for a CurveZMQ endpoint ($WARMEXEC_SERVER_KEY)")
+    p.add_argument("--client-key", default=os.environ.get("WARMEXEC_CLIENT_KEY"), metavar="FILE",
+                   help="our key_secret file, for a CurveZMQ endpoint ($WARMEXEC_CLIENT_KEY)")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.endpoint, server_key=args.server_key, client_key=args.client_key)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import zmq.auth  # noqa: PLC0415 - only this command needs it
+
+    os.makedirs(args.directory, mode=0o700, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(args.directory, args.name)
+    os.chmod(secret, 0o600)
+    print(f"public key: {public}\nsecret key: {secret}")
+    return 0
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -102,7 +127,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         env[key] = value if sep else os.environ.get(key, "")
     stdin = sys.stdin.buffer.read() if args.interactive else None
-    with Client(args.endpoint) as c:
+    with _client(args) as c:
         r = c.exec(args.container, command, env=env or None, cwd=args.workdir, user=args.user,
                    timeout=args.timeout, stdin=stdin, capture=args.capture,
                    privileged=args.privileged or None)
@@ -115,7 +140,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with Client(args.endpoint) as c:
+    with _client(args) as c:
         rows = c.list()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -128,7 +153,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _simple(args: argparse.Namespace, op: str, name: str | None = None, pid: int | None = None) -> int:
-    with Client(args.endpoint) as c:
+    with _client(args) as c:
         r = c.call(op, container=name, pid=pid)
     if op == "ping":
         print(f"supervisor pid {r['pid']} answering at {args.endpoint or default_endpoint()}")

@@ -407,9 +407,9 @@ class Dispatcher:
         if not reply.get("ok"):
             ex.kill_group()  # a lost exec must not leave its process running
         ex.close()
-        self.send_reply(ex.envelope, reply)
-        if self.metrics is not None:
+        if self.metrics is not None:  # counted before the client can read the reply
             self.metrics.finished(ex, reply)
+        self.send_reply(ex.envelope, reply)
         if rt is not None and reply.get("ok") and reply.get("pid") is not None:
             self.hook("exit", rt, ex, reply)
 

@@ -10,6 +10,7 @@ from prometheus_client import start_http_server
 
 from ..protocol.client import DEFAULT_ENDPOINT
 from . import discovery
+from .auth import Auth
 from .hooks import load_python_hooks
 from .metrics import Metrics
 from .server import Supervisor
@@ -19,6 +20,7 @@ log = logging.getLogger("warmexec")
 
 def serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     limits = cfg.get("limits", {})
+    auth = Auth(cfg["auth"], cfg.get("acl", {})) if cfg.get("auth") else None
     metrics = Metrics(container_label=not args.no_container_label and cfg.get("container_label", True))
     hooks = cfg.get("hooks", {})
     sup = Supervisor(
@@ -30,6 +32,8 @@ def serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         scan_interval=args.scan_interval or cfg.get("scan_interval", 2.0),
         max_inflight=limits.get("max_inflight", 1024),
         max_inflight_per_container=limits.get("max_inflight_per_container", 256),
+        auth=auth,
+        insecure_tcp=args.insecure_tcp,
     )
     addr = args.metrics_addr or cfg.get("metrics_addr")
     if addr:

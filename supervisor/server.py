@@ -26,6 +26,7 @@ import zmq
 from ..protocol import codec, errors, ipc, messages
 from ..protocol.errors import WarmexecError
 from . import discovery, inotify
+from .auth import EVERYTHING, Auth, Rules
 from .dispatch import Dispatcher, ZygoteLost
 from .hooks import Hooks
 
@@ -105,7 +106,11 @@ class Zygote:
 class Supervisor:
     def __init__(self, endpoint: str, roots: list[str], metrics: Any = None, hooks: dict | None = None,
                  python_hooks: list[Any] = (), scan_interval: float = 2.0, max_inflight: int = 1024,
-                 max_inflight_per_container: int = 256) -> None:
+                 max_inflight_per_container: int = 256, auth: Auth | None = None,
+                 insecure_tcp: bool = False) -> None:
+        if endpoint.startswith("tcp://") and auth is None and not insecure_tcp:
+            raise SystemExit("warmexec: a tcp:// endpoint needs [auth] (CurveZMQ) in the config, "
+                             "or --insecure-tcp")
         self.loop = Loop()
         self.hooks = Hooks(self.loop, hooks or {}, metrics, python_hooks)
         self.zygote = Zygote()  # before any ZeroMQ context exists
@@ -115,6 +120,9 @@ class Supervisor:
         self.router.setsockopt(zmq.SNDHWM, 100000)
         self.router.setsockopt(zmq.RCVHWM, 100000)
         self.router.setsockopt(zmq.LINGER, 0)
+        self.auth = auth
+        if auth is not None:
+            auth.secure(self.ctx, self.router)
         self.endpoint = bind(self.router, endpoint)
         self.roots_patterns = roots
         self.scan_interval = scan_interval
@@ -163,6 +171,8 @@ class Supervisor:
         self.hooks.close()
         self.watcher.close()
         self.router.close(linger=0)
+        if self.auth is not None:
+            self.auth.close()
         self.ctx.term()
         self.zygote.close()
         if self.endpoint.startswith("ipc://"):
@@ -207,12 +217,17 @@ class Supervisor:
     def _on_router(self, _mask: int) -> None:
         while self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+                if self.auth is None:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+                    self.handle(frames[:-1], frames[-1], EVERYTHING)
+                    continue
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.handle(frames[:-1], frames[-1])
+            rules = self.auth.rules_for(frames[-1].get("User-Id"))  # the CURVE key, via ZAP
+            self.handle([f.bytes for f in frames[:-1]], frames[-1].bytes, rules)
 
-    def handle(self, envelope: list[bytes], payload: bytes) -> None:
+    def handle(self, envelope: list[bytes], payload: bytes, rules: Rules) -> None:
         req_id = None
         try:
             req = codec.unpack_map(payload)
@@ -220,8 +235,12 @@ class Supervisor:
             req_id, op = messages.check_envelope(req)
             if self.stopping:
                 raise WarmexecError(errors.SHUTTING_DOWN, "supervisor is shutting down")
+            if op in ("attach", "detach"):
+                rules.check_admin(op)
             if op == "exec":
-                self.dispatch.submit(envelope, req_id, messages.parse_exec(req))
+                exec_req = messages.parse_exec(req)
+                rules.check_exec(exec_req)
+                self.dispatch.submit(envelope, req_id, exec_req)
             elif op == "ping":
                 self.reply(envelope, messages.ok_reply(req_id, pid=os.getpid()))
             elif op == "list":

@@ -7,6 +7,8 @@ hostname, rlimits, umask, oom_score_adj, open fds and session keyring.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from warmexec.protocol.caps import CAP_NAMES
 
@@ -92,8 +94,11 @@ def test_configured_process(box, client):
         assert "CapAmb:\t0000000000000021" in got and "NoNewPrivs:\t0" in got
         assert "Max open files            4096                 8192" in got
         assert "# oom\n100\n" in got
-        assert [line for line in got.splitlines() if line not in ref] == [], ref
-        assert got == ref
+        # runc 1.1's own init (a Go program) races the Go runtime's raising of the soft
+        # NOFILE limit to the hard one, so runc exec shows 4096 or 8192 there; warmexec
+        # gives the configured 4096 every time. Every other line must match.
+        nofile = re.compile(r"^Max open files .*$", re.M)
+        assert nofile.sub("", got) == nofile.sub("", ref)
     finally:
         box.delete(cid)
 

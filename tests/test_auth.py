@@ -1,0 +1,95 @@
+"""Who may exec: CurveZMQ on a TCP endpoint, and per-key access lists."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from warmexec.protocol import Client, errors
+from warmexec.protocol.errors import WarmexecError
+
+from bench.harness import free_port
+
+from .conftest import wait_ready
+
+pytestmark = pytest.mark.root
+
+
+def keygen(directory: str, name: str) -> None:
+    subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", "keygen", directory, name],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def curve(box, tmp_path_factory):
+    """A supervisor on tcp://127.0.0.1 with CurveZMQ, two authorised keys and an ACL."""
+    keys = str(tmp_path_factory.mktemp("keys"))
+    clients = os.path.join(keys, "clients")
+    os.makedirs(clients)
+    for name in ("server", "monitor", "admin", "stranger"):
+        keygen(keys, name)
+    for name in ("monitor", "admin"):  # the stranger's key is not authorised
+        os.rename(os.path.join(keys, f"{name}.key"), os.path.join(clients, f"{name}.key"))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = os.path.join(keys, "warmexec.toml")
+    with open(config, "w") as f:
+        f.write(f'endpoint = "{endpoint}"\n'
+                f'[auth]\nserver_key = "{keys}/server.key_secret"\nclients_dir = "{clients}"\n'
+                '[acl.monitor]\ncontainers = ["*-allowed"]\nusers = [""]\n'
+                'privileged = false\nadmin = false\n')
+    allowed, denied = box.run("curve-allowed"), box.run("curve-denied")
+    proc = subprocess.Popen([sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root",
+                             box.root, "--config", config], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def client(name: str) -> Client:
+        return Client(endpoint, server_key=os.path.join(keys, "server.key"),
+                      client_key=os.path.join(keys, f"{name}.key_secret"))
+    try:
+        with client("admin") as c:
+            wait_ready(c, allowed)
+            wait_ready(c, denied)
+        yield client, allowed, denied
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
+        box.delete(allowed)
+        box.delete(denied)
+
+
+def test_authorised_key_without_acl_may_do_everything(curve):
+    client, allowed, denied = curve
+    with client("admin") as c:
+        assert c.exec(denied, ["true"], privileged=True, user="alice")["exit_code"] == 0
+
+
+def test_acl_limits_containers_users_privileged_and_admin(curve):
+    client, allowed, denied = curve
+    with client("monitor") as c:
+        assert c.exec(allowed, ["true"])["exit_code"] == 0
+        for kwargs, what in (({"container": denied}, denied), ({"user": "alice"}, "alice"),
+                             ({"privileged": True}, "privileged")):
+            target = kwargs.pop("container", allowed)
+            with pytest.raises(WarmexecError) as e:
+                c.exec(target, ["true"], **kwargs)
+            assert e.value.code == errors.FORBIDDEN and what in e.value.message
+        with pytest.raises(WarmexecError) as e:
+            c.detach(allowed)
+        assert e.value.code == errors.FORBIDDEN
+
+
+def test_unauthorised_key_gets_no_answer(curve):
+    client, allowed, _ = curve
+    with client("stranger") as c:  # ZAP refuses the handshake: nothing is ever delivered
+        with pytest.raises(WarmexecError) as e:
+            c.call("ping", timeout=2)
+        assert e.value.code in (errors.TIMEOUT, errors.UNREACHABLE)
+
+
+def test_tcp_without_auth_is_refused(box, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root", box.root,
+                        "--endpoint", f"tcp://127.0.0.1:{free_port()}"],
+                       capture_output=True, timeout=30)
+    assert r.returncode != 0 and b"needs [auth]" in r.stderr
