@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scan-interval", type=float, default=None,
                    help="seconds between full rescans of the state roots (default 2; inotify "
                         "sees changes at once)")
+    s.add_argument("--events", metavar="ENDPOINT",
+                   help="publish the event stream here (e.g. ipc:///run/warmexec/events.sock)")
     s.add_argument("--insecure-tcp", action="store_true",
                    help="serve a tcp:// endpoint without CurveZMQ authentication")
     s.add_argument("--log-level", default="INFO")
@@ -88,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoint(d)
     d.add_argument("name")
     d.set_defaults(func=lambda args: _simple(args, "detach", args.name))
+
+    ev = sub.add_parser("events", help="print the supervisor's event stream as JSON lines")
+    ev.add_argument("--endpoint", required=True, help="the supervisor's --events endpoint")
+    ev.add_argument("--topic", action="append", default=[], metavar="PREFIX",
+                    help="only topics starting with PREFIX (repeatable; default all)")
+    ev.add_argument("--count", type=int, default=0, help="exit after this many events")
+    ev.set_defaults(func=cmd_events)
 
     pg = sub.add_parser("ping", help="check that the supervisor answers")
     _endpoint(pg)
@@ -137,6 +146,26 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if r.get("timed_out"):
         print(f"warmexec: timed out after {args.timeout}s", file=sys.stderr)
     return r["exit_code"]
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    import zmq  # noqa: PLC0415 - the other client commands go through Client
+
+    from ..protocol import codec  # noqa: PLC0415
+
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    for prefix in args.topic or [""]:
+        sock.setsockopt_string(zmq.SUBSCRIBE, prefix)
+    sock.connect(args.endpoint)
+    seen = 0
+    try:
+        while not args.count or seen < args.count:
+            _, payload = sock.recv_multipart()
+            print(json.dumps(codec.unpack(payload), default=repr), flush=True)
+            seen += 1
+    finally:
+        sock.close(linger=0)
+    return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

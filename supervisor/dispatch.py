@@ -41,7 +41,9 @@ class ZygoteLost(Exception):
 
 class Dispatcher:
     def __init__(self, loop: Any, zygote: Any, reply: Callable[[list[bytes], dict], None],
-                 metrics: Any, hooks: Any, max_inflight: int, max_per_container: int) -> None:
+                 metrics: Any, hooks: Any, max_inflight: int, max_per_container: int,
+                 publish: Callable[[str, dict], None] | None = None) -> None:
+        self.publish = publish
         self.loop = loop
         self.zygote = zygote
         self.send_reply = reply
@@ -59,9 +61,12 @@ class Dispatcher:
 
     # ---- events ------------------------------------------------------------------
     def emit(self, topic: str, **fields: Any) -> None:
+        """One internal event: the log, the metrics and the event stream all see it."""
         log.info("%s %s", topic, " ".join(f"{k}={v}" for k, v in fields.items()))
         if self.metrics is not None:
             self.metrics.event(topic, fields)
+        if self.publish is not None:
+            self.publish(topic, fields)
 
     def count_error(self, code: str) -> None:
         if self.metrics is not None:
@@ -391,8 +396,21 @@ class Dispatcher:
             self.fail(ex, errors.WORKER_LOST, "the spawner did not report the killed process")
 
     def hook(self, kind: str, rt: Runtime, ex: Exec, result: dict | None = None) -> None:
-        if self.hooks is not None:
-            self.hooks.fire(kind, rt, ex, result)
+        """An exec started or exited: for hooks and the event stream (never logged at
+        info: that would be a line per exec)."""
+        hooks = self.hooks is not None and self.hooks.wants(kind)
+        if not hooks and self.publish is None:
+            return
+        doc = {"exec_id": ex.exec_id, "container": rt.name, "pid": ex.pid,
+               "container_pid": ex.container_pid, "argv": ex.req.argv, "user": ex.req.user or "",
+               "privileged": ex.req.privileged}
+        if result is not None:
+            doc.update({k: result.get(k) for k in ("exit_code", "signal", "timed_out", "oom_killed",
+                                                   "timings")})
+        if hooks:
+            self.hooks.fire(kind, doc)
+        if self.publish is not None:
+            self.publish("exec.started" if kind == "start" else "exec.exited", doc)
 
     def fail(self, ex: Exec, code: str, message: str) -> None:
         self.finish(ex, None, messages.error_reply(ex.req_id, code, message))

@@ -58,18 +58,15 @@ class Hooks:
         self.python = list(python_hooks)
         self.running: dict[int, tuple[subprocess.Popen, str]] = {}  # pidfd -> (proc, kind)
         self.queue: queue.Queue = queue.Queue(maxsize=1000)
+        self.emit: Any = None  # the supervisor's event emitter, set once it exists
         if self.python:
             threading.Thread(target=self._python_thread, name="warmexec-hooks", daemon=True).start()
 
-    def fire(self, kind: str, rt: Any, ex: Any, result: dict | None) -> None:
-        if not self.commands[kind] and not self.python:
-            return
-        doc = {"event": kind, "exec_id": ex.exec_id, "container": rt.name, "pid": ex.pid,
-               "container_pid": ex.container_pid, "argv": ex.req.argv, "user": ex.req.user or "",
-               "privileged": ex.req.privileged, "time": time.time()}
-        if result is not None:
-            doc.update({k: result.get(k) for k in ("exit_code", "signal", "timed_out", "oom_killed")})
-            doc["timings"] = result.get("timings")
+    def wants(self, kind: str) -> bool:
+        return bool(self.commands[kind] or self.python)
+
+    def fire(self, kind: str, doc: dict) -> None:
+        doc = {"event": kind, **doc, "time": time.time()}
         for hook in self.commands[kind]:
             self._run(kind, hook, doc)
         if self.python:
@@ -91,7 +88,7 @@ class Hooks:
                                     close_fds=True, start_new_session=True)
         except OSError as exc:
             log.warning("%s hook %s cannot start: %s", kind, hook["command"][0], exc)
-            return self._count(kind, "spawn")
+            return self._count(kind, "spawn", hook["command"][0])
         try:
             os.set_blocking(proc.stdin.fileno(), False)
             proc.stdin.write(data)
@@ -112,7 +109,8 @@ class Hooks:
         code = proc.wait()
         if code != 0:
             log.warning("%s hook %s exited %s", kind, proc.args[0], code)
-            self._count(kind, "timeout" if getattr(proc, "timed_out", False) else "exit_status")
+            self._count(kind, "timeout" if getattr(proc, "timed_out", False) else "exit_status",
+                        proc.args[0])
 
     def _overdue(self, pidfd: int, proc: subprocess.Popen, timeout: float) -> None:
         if self.running.get(pidfd, (None,))[0] is proc:
@@ -123,9 +121,11 @@ class Hooks:
             except ProcessLookupError:
                 pass
 
-    def _count(self, kind: str, failure: str | None = None) -> None:
+    def _count(self, kind: str, failure: str | None = None, command: str = "") -> None:
         if self.metrics is not None:
             self.metrics.hook(kind, failure)
+        if failure is not None and self.emit is not None:
+            self.emit("hook.failed", kind=kind, reason=failure, command=command)
 
     # ---- python hooks --------------------------------------------------------------
     def _python_thread(self) -> None:
@@ -140,7 +140,8 @@ class Hooks:
                     fn(doc)
                 except Exception:
                     log.exception("python %s hook %r failed", kind, hook)
-                    self._count(kind, "exception")
+                    if self.metrics is not None:  # not emit(): the loop's thread owns that
+                        self.metrics.hook(kind, "exception")
 
     def close(self) -> None:
         for pidfd, (proc, _) in list(self.running.items()):

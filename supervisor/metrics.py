@@ -51,6 +51,8 @@ class Metrics:
         self.hook_runs = Counter("warmexec_hook_runs", "Hooks started", ("kind",), registry=r)
         self.hook_failures = Counter("warmexec_hook_failures", "Hooks that failed, timed out or were dropped",
                                      ("kind", "reason"), registry=r)
+        self.events_dropped = Counter("warmexec_events_dropped",
+                                      "Events not published: a subscriber was too slow", registry=r)
         self._table: Callable[[], Iterable[Any]] = lambda: ()
         r.register(_LiveCollector(self))
 
@@ -84,6 +86,9 @@ class Metrics:
 
     def worker_restart(self) -> None:
         self.restarts.inc()
+
+    def event_dropped(self) -> None:
+        self.events_dropped.inc()
 
     def warmup(self, seconds: float) -> None:
         self.warmup_seconds.observe(seconds)

@@ -34,6 +34,7 @@ def serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         max_inflight_per_container=limits.get("max_inflight_per_container", 256),
         auth=auth,
         insecure_tcp=args.insecure_tcp,
+        events=args.events or cfg.get("events"),
     )
     addr = args.metrics_addr or cfg.get("metrics_addr")
     if addr:

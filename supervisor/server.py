@@ -14,7 +14,6 @@ import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from ..protocol.errors import WarmexecError
 from . import discovery, inotify
 from .auth import EVERYTHING, Auth, Rules
 from .dispatch import Dispatcher, ZygoteLost
+from .endpoints import bind
+from .events import Events
 from .hooks import Hooks
 
 log = logging.getLogger("warmexec")
@@ -107,7 +108,7 @@ class Supervisor:
     def __init__(self, endpoint: str, roots: list[str], metrics: Any = None, hooks: dict | None = None,
                  python_hooks: list[Any] = (), scan_interval: float = 2.0, max_inflight: int = 1024,
                  max_inflight_per_container: int = 256, auth: Auth | None = None,
-                 insecure_tcp: bool = False) -> None:
+                 insecure_tcp: bool = False, events: str | None = None) -> None:
         if endpoint.startswith("tcp://") and auth is None and not insecure_tcp:
             raise SystemExit("warmexec: a tcp:// endpoint needs [auth] (CurveZMQ) in the config, "
                              "or --insecure-tcp")
@@ -127,8 +128,13 @@ class Supervisor:
         self.roots_patterns = roots
         self.scan_interval = scan_interval
         self.watcher = inotify.Watcher()
+        self.events = Events(self.ctx, events, metrics) if events else None
         self.dispatch = Dispatcher(self.loop, self.zygote, self.reply, metrics, self.hooks,
-                                   max_inflight, max_inflight_per_container)
+                                   max_inflight, max_inflight_per_container,
+                                   self.events.publish if self.events else None)
+        if self.events is not None:
+            self.loop.add(self.events.fd(), self.events.drain_subscriptions)
+        self.hooks.emit = self.dispatch.emit
         if metrics is not None:
             metrics.watch(lambda: list(self.dispatch.containers.values()))
         self.loop.add(self.router.getsockopt(zmq.FD), self._on_router)
@@ -171,6 +177,8 @@ class Supervisor:
         self.hooks.close()
         self.watcher.close()
         self.router.close(linger=0)
+        if self.events is not None:
+            self.events.close()
         if self.auth is not None:
             self.auth.close()
         self.ctx.term()
@@ -270,28 +278,3 @@ class Supervisor:
             self.dispatch.count_error("REPLY_DROPPED")
         except zmq.ZMQError as exc:  # client gone, unroutable
             log.debug("reply dropped: %s", exc)
-
-
-def bind(sock: zmq.Socket, endpoint: str) -> str:
-    """Bind; an ipc:// endpoint gets a root-only directory (0700) and socket (0600)."""
-    if endpoint.startswith("ipc://"):
-        path = endpoint[len("ipc://"):]
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-                raise SystemExit(f"warmexec: {endpoint} is in use by a running supervisor")
-            except OSError:
-                os.unlink(path)  # stale socket of a dead supervisor
-            finally:
-                probe.close()
-        old = os.umask(0o177)
-        try:
-            sock.bind(endpoint)
-        finally:
-            os.umask(old)
-        return endpoint
-    sock.bind(endpoint)
-    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
