@@ -15,10 +15,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from warmexec.protocol import Client
-
 from bench.harness import SupervisorProcess, wait_for, wait_ready  # noqa: F401 - re-exported
 from bench.runcbox import RuncBox
+from warmexec.protocol import Client
 
 HAVE_ROOT = os.geteuid() == 0 and shutil.which("runc") is not None and shutil.which("busybox") is not None
 

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from warmexec.protocol import Client, errors
-from warmexec.protocol.errors import WarmexecError
 
 from bench.harness import free_port
+from warmexec.protocol import Client, errors
+from warmexec.protocol.errors import WarmexecError
 
 from .conftest import wait_ready
 

@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 import zmq
+
 from warmexec.protocol import codec, errors
 from warmexec.protocol.errors import WarmexecError
 

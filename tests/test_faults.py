@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+
 from warmexec.protocol import Client, errors
 from warmexec.protocol.errors import WarmexecError
 

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
+
 from warmexec.protocol.errors import WarmexecError
 from warmexec.supervisor.metrics import Metrics
 

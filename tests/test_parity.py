@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from warmexec.protocol.caps import CAP_NAMES
 
 from .conftest import wait_ready

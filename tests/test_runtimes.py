@@ -14,6 +14,7 @@ import shutil
 import urllib.request
 
 import pytest
+
 from warmexec.protocol import errors
 from warmexec.protocol.errors import WarmexecError
 

@@ -6,6 +6,7 @@ import ctypes
 import os
 
 import pytest
+
 from warmexec.protocol import Client, errors
 from warmexec.protocol.errors import WarmexecError
 from warmexec.worker import seccomp

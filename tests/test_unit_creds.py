@@ -7,6 +7,7 @@ import os
 import resource
 
 import pytest
+
 from warmexec.protocol.caps import CAP_NAMES
 from warmexec.worker import creds, linux, spawner
 

@@ -8,6 +8,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from warmexec.protocol import codec, errors, messages
 from warmexec.protocol.codec import ProtocolError
 from warmexec.protocol.errors import WarmexecError

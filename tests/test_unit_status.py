@@ -6,6 +6,7 @@ import errno
 import signal
 
 import pytest
+
 from warmexec.protocol import errors
 from warmexec.supervisor.status import decode, spawn_failure
 

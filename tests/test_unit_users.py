@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from warmexec.worker.users import ExecUser, UnknownUser, resolve
 
 PASSWD = """\
