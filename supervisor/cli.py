@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -55,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure-tcp", action="store_true",
                    help="serve a tcp:// endpoint without CurveZMQ authentication")
     s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one object per line, event fields as keys")
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("keygen", help="make a CurveZMQ key pair (NAME.key, NAME.key_secret)")
@@ -191,9 +192,10 @@ def _simple(args: argparse.Namespace, op: str, name: str | None = None, pid: int
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .logs import configure  # noqa: PLC0415
     from .run import serve
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    configure(args.log_level, args.log_format)
     return serve(args, load_config(args.config))
 
 

@@ -62,7 +62,7 @@ class Dispatcher:
     # ---- events ------------------------------------------------------------------
     def emit(self, topic: str, **fields: Any) -> None:
         """One internal event: the log, the metrics and the event stream all see it."""
-        log.info("%s %s", topic, " ".join(f"{k}={v}" for k, v in fields.items()))
+        log.info(topic, extra={"fields": fields})
         if self.metrics is not None:
             self.metrics.event(topic, fields)
         if self.publish is not None:
