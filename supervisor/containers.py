@@ -42,8 +42,14 @@ BACKOFF_BASE = 0.1
 BACKOFF_MAX = 5.0
 
 
+#: The profile of execs that name no user and are not privileged: the container's own.
+DEFAULT = ("", False)
+
+
 class Spawner:
-    """One warm spawner process: one credential profile in one container."""
+    """The supervisor's handle on one worker process: one credential profile (user,
+    privileged) in one container. The DEFAULT profile's worker is the container's
+    worker of the state machine below; other profiles' come and go on demand."""
 
     def __init__(self, key: tuple[str, bool]) -> None:
         self.key = key
@@ -52,7 +58,9 @@ class Spawner:
         self.waiting: list[Exec] = []  # until the spawner is ready
         self.inflight: dict[int, Exec] = {}
         self.last_used = time.monotonic()
+        self.ready = False
         self.error = ""  # why it failed to set up, if it said
+        self.error_code = ""
 
     def close(self) -> None:
         if self.sock is not None:
@@ -67,8 +75,6 @@ class Runtime:
         self.emit = emit
         self.state = State.STARTING
         self.since = time.monotonic()
-        self.sock: socket.socket | None = None
-        self.worker_pid: int | None = None
         self.failures = 0
         self.restarts = 0
         self.last_error = ""
@@ -95,6 +101,10 @@ class Runtime:
             self.retry_at = self.since + min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.failures - 1))
         self.emit("worker.state", container=self.name, old=old.name, new=new.name, reason=reason)
 
+    def worker_pid(self) -> int | None:
+        sp = self.spawners.get(DEFAULT)
+        return sp.pid if sp is not None else None
+
     def paused(self) -> bool:
         """Frozen by `runc pause` (v1 freezer.state or v2 cgroup.events)? An exec would
         hang until thawed, so it is refused as runc refuses it."""
@@ -111,9 +121,6 @@ class Runtime:
         for sp in self.spawners.values():
             sp.close()
         self.spawners.clear()
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
         if self.init_pidfd >= 0:
             os.close(self.init_pidfd)
             self.init_pidfd = -1
@@ -123,7 +130,7 @@ class Runtime:
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.name, "pid": self.info.init_pid, "source": self.info.source,
-                "state": self.state.name, "worker_pid": self.worker_pid,
+                "state": self.state.name, "worker_pid": self.worker_pid(),
                 "spawners": len(self.spawners), "inflight": self.inflight(),
                 "restarts": self.restarts, "last_error": self.last_error or None}
 

@@ -26,7 +26,7 @@ from typing import Any
 from ..protocol import errors, ipc, messages
 from ..protocol.errors import WarmexecError
 from . import discovery, status
-from .containers import MAX_FAILURES, Runtime, Spawner, State, oom_kills
+from .containers import DEFAULT, MAX_FAILURES, Runtime, Spawner, State, oom_kills
 from .execs import Exec
 
 log = logging.getLogger("warmexec")
@@ -52,8 +52,7 @@ class Dispatcher:
         self.max_inflight = max_inflight
         self.max_per_container = max_per_container
         self.containers: dict[str, Runtime] = {}
-        self.forks: dict[int, Runtime] = {}
-        self.spawner_requests: dict[int, tuple[Runtime, Spawner]] = {}
+        self.forks: dict[int, tuple[Runtime, Spawner]] = {}
         self.tags = itertools.count(1)
         self.active = 0  # execs received and not yet answered
         self.skipped: dict[str, float] = {}  # state file -> mtime seen unusable
@@ -136,79 +135,90 @@ class Dispatcher:
         for sp in list(rt.spawners.values()):
             self.drop_spawner(rt, sp, code, f"container {rt.name} exited ({reason})")
         self.loop.remove(rt.init_pidfd)
-        if rt.sock is not None:
-            self.loop.remove(rt.sock.fileno())
         rt.close()
         self.emit("container.removed", container=rt.name, reason=reason)
 
     def describe(self) -> list[dict]:
         return [rt.describe() for rt in self.containers.values()]
 
-    # ---- workers -----------------------------------------------------------------
-    def start_worker(self, rt: Runtime) -> None:
-        if rt.state == State.BACKOFF:
+    # ---- workers: one process per (container, credential profile) -----------------
+    def start_worker(self, rt: Runtime, key: tuple[str, bool] = DEFAULT) -> Spawner:
+        """Ask the zygote for a worker of rt with the key's (user, privileged) profile."""
+        if key == DEFAULT and rt.state == State.BACKOFF:
             rt.transition(State.STARTING)
+        sp = rt.spawners[key] = Spawner(key)
         tag = next(self.tags)
-        self.forks[tag] = rt
-        self.zygote.fork(tag, rt.info.spec())
+        self.forks[tag] = (rt, sp)
+        self.zygote.fork(tag, rt.info.spec(), key[0] or None, key[1])
+        return sp
 
     def on_zygote(self) -> None:
         msg, fds = ipc.recv(self.zygote.sock)
         if msg is None:
             raise ZygoteLost()
-        rt = self.forks.pop(msg.get("tag"), None)
-        if rt is None or rt.state == State.EXITED:
+        rt, sp = self.forks.pop(msg.get("tag"), (None, None))
+        if rt is None or rt.spawners.get(sp.key) is not sp:
             for fd in fds:
-                os.close(fd)  # its container went away meanwhile: the worker sees EOF
+                os.close(fd)  # dropped meanwhile: the worker sees EOF and exits
             return
         if not fds:
-            return self.worker_lost(rt, f"fork failed: {msg.get('error')}")
-        rt.sock = socket.socket(fileno=fds[0])
-        rt.worker_pid = msg["pid"]
-        rt.transition(State.JOINING)
-        self.loop.add(fds[0], lambda _m: self.on_worker(rt))
+            return self.lost(rt, sp, f"fork failed: {msg.get('error')}")
+        sp.sock = socket.socket(fileno=fds[0])
+        sp.pid = msg["pid"]
+        if sp.key == DEFAULT:
+            rt.transition(State.JOINING)
+        self.loop.add(fds[0], lambda _m: self.on_worker(rt, sp))
 
     def zygote_replaced(self, zygote: Any) -> None:
         """The zygote died: workers it was forking are lost; later ones use the new one."""
         self.zygote = zygote
         pending, self.forks = self.forks, {}
-        for rt in pending.values():
-            if rt.state == State.STARTING:
-                self.worker_lost(rt, "zygote died")
+        for rt, sp in pending.values():
+            if rt.spawners.get(sp.key) is sp:
+                self.lost(rt, sp, "zygote died")
 
-    def on_worker(self, rt: Runtime) -> None:
-        msg, fds = ipc.recv(rt.sock)
+    def on_worker(self, rt: Runtime, sp: Spawner) -> None:
+        msg, fds = ipc.recv(sp.sock)
+        for fd in fds:  # workers send no descriptors
+            os.close(fd)
         if msg is None:
-            return self.worker_lost(rt, rt.last_error or "worker exited")
+            return self.lost(rt, sp, sp.error or "worker exited")
         op = msg.get("op")
         if op == "ready":
+            self.on_ready(rt, sp)
+        elif op == "fatal":
+            sp.error, sp.error_code = msg.get("message", ""), msg.get("code") or ""
+            # No retry can help a missing privilege or a profile we refuse to apply.
+            rt.hopeless |= sp.key == DEFAULT and (msg.get("errno") in (errno.EPERM, errno.EACCES)
+                                                  or bool(sp.error_code))
+        elif op == "container_exited":
+            self.remove(rt, "container exited")
+        else:
+            self.on_exec_message(rt, sp, op, msg)
+
+    def on_ready(self, rt: Runtime, sp: Spawner) -> None:
+        sp.ready = True
+        if sp.key == DEFAULT:
             rt.transition(State.READY)
             if self.metrics is not None:
                 self.metrics.warmup(time.monotonic() - rt.since)
             waiting, rt.waiting = rt.waiting, []
             for ex in waiting:
                 self.route(rt, ex)
-        elif op == "fatal":
-            rt.last_error = msg.get("message", "")
-            rt.hopeless = msg.get("errno") in (errno.EPERM, errno.EACCES)  # no retry can help
-        elif op == "spawner":
-            self.on_spawner_made(rt, msg, fds)
-        elif op == "container_exited":
-            self.remove(rt, "container exited")
+        waiting, sp.waiting = sp.waiting, []
+        for ex in waiting:
+            self.send_spawn(rt, sp, ex)
 
-    def worker_lost(self, rt: Runtime, reason: str) -> None:
-        if rt.sock is not None:
-            self.loop.remove(rt.sock.fileno())
-            rt.sock.close()
-            rt.sock = None
-        rt.worker_pid = None
-        for tag, (owner, _) in list(self.spawner_requests.items()):
-            if owner is rt:
-                del self.spawner_requests[tag]
-        for sp in list(rt.spawners.values()):  # they die with it (PR_SET_PDEATHSIG)
-            self.drop_spawner(rt, sp, errors.WORKER_LOST, f"worker lost: {reason}")
-        if _dying(rt):
+    def lost(self, rt: Runtime, sp: Spawner, reason: str) -> None:
+        """A worker is gone (socket closed, or its fork failed)."""
+        dead = _dying(rt)
+        code = (errors.CONTAINER_EXITED if dead else sp.error_code or errors.WORKER_LOST)
+        self.drop_spawner(rt, sp, code, f"{rt.name}: {'container exited' if dead else reason}")
+        if dead:
             return self.remove(rt, "container exited")
+        if sp.key != DEFAULT:
+            return  # the next exec with that profile forks a new one
+        rt.last_error = reason
         rt.transition(State.BACKOFF, reason)
         rt.restarts += 1
         if self.metrics is not None:
@@ -216,26 +226,10 @@ class Dispatcher:
         if rt.failures >= MAX_FAILURES or rt.hopeless:
             rt.transition(State.FATAL, reason)
             for ex in rt.waiting:
-                self.fail(ex, errors.WORKER_UNAVAILABLE, f"cannot join container {rt.name}: {reason}")
+                self.fail(ex, errors.WORKER_UNAVAILABLE, f"cannot serve container {rt.name}: {reason}")
             rt.waiting = []
             return
         self.loop.call_at(rt.retry_at, lambda: rt.state == State.BACKOFF and self.start_worker(rt))
-
-    # ---- spawners ----------------------------------------------------------------
-    def on_spawner_made(self, rt: Runtime, msg: dict, fds: list[int]) -> None:
-        _, sp = self.spawner_requests.pop(msg.get("tag"), (None, None))
-        if sp is None:
-            for fd in fds:
-                os.close(fd)
-            return
-        if not msg.get("ok") or not fds:
-            return self.drop_spawner(rt, sp, msg.get("code", errors.SPAWN_FAILED), msg.get("message", ""))
-        sp.sock = socket.socket(fileno=fds[0])
-        sp.pid = msg.get("pid")
-        self.loop.add(fds[0], lambda _m: self.on_spawner(rt, sp))
-        waiting, sp.waiting = sp.waiting, []
-        for ex in waiting:
-            self.send_spawn(rt, sp, ex)
 
     def drop_spawner(self, rt: Runtime, sp: Spawner, code: str, message: str) -> None:
         if rt.spawners.get(sp.key) is sp:
@@ -247,23 +241,11 @@ class Dispatcher:
             self.fail(ex, code, message)
         sp.waiting, sp.inflight = [], {}
 
-    def on_spawner(self, rt: Runtime, sp: Spawner) -> None:
-        msg, fds = ipc.recv(sp.sock)
-        for fd in fds:  # spawners send no descriptors
-            os.close(fd)
-        if msg is None:
-            dead = _dying(rt)
-            code = (errors.CONTAINER_EXITED if dead else
-                    errors.SPAWN_FAILED if sp.error else errors.WORKER_LOST)
-            why = "container exited" if dead else (sp.error or "spawner exited")
-            return self.drop_spawner(rt, sp, code, f"{rt.name}: {why}")
-        op = msg.get("op")
+    def on_exec_message(self, rt: Runtime, sp: Spawner, op: str, msg: dict) -> None:
         ex = sp.inflight.get(msg.get("id"))
-        if op == "fatal":
-            sp.error = msg.get("message", "")
-        elif ex is None:
+        if ex is None:
             return
-        elif op == "started":
+        if op == "started":
             self.on_started(rt, ex, msg)
         elif op == "out":
             ex.output[msg.get("stream") == 2].extend(msg.get("data", b""))
@@ -274,13 +256,15 @@ class Dispatcher:
             del sp.inflight[ex.exec_id]
             oom = False
             if os.WIFSIGNALED(msg["status"]) and os.WTERMSIG(msg["status"]) == signal.SIGKILL:
+                if _dying(rt):  # killed because its pid namespace is being torn down
+                    return self.fail(ex, errors.CONTAINER_EXITED, f"container {rt.name} exited")
                 count = oom_kills(rt.info)
                 oom, rt.oom_seen = count > rt.oom_seen and not ex.timed_out, count
             self.finish(ex, rt, messages.ok_reply(ex.req_id, **ex.result(msg, oom)))
 
     def on_started(self, rt: Runtime, ex: Exec, msg: dict) -> None:
         ex.started = msg.get("started_at") or time.monotonic()  # CLOCK_MONOTONIC: shared
-        ex.container_pid, ex.pid = msg.get("pid"), msg.get("host_pid")
+        ex.pid, ex.container_pid = msg.get("pid"), msg.get("container_pid")
         if ex.pid is not None:
             try:  # kept, to kill the group if the exec is lost
                 ex.pidfd = os.pidfd_open(ex.pid)
@@ -306,7 +290,7 @@ class Dispatcher:
         for rt in self.containers.values():
             for sp in list(rt.spawners.values()):
                 idle = not sp.inflight and not sp.waiting and now - sp.last_used > SPAWNER_IDLE
-                if idle and sp.key != ("", False) and sp.sock is not None:
+                if idle and sp.key != DEFAULT and sp.ready:
                     self.drop_spawner(rt, sp, errors.INTERNAL, "idle")
         self.loop.call_at(now + SPAWNER_IDLE, self.sweep_spawners)
 
@@ -336,17 +320,11 @@ class Dispatcher:
             rt.waiting.append(ex)
             return
         key = (ex.req.user or "", ex.req.privileged)
-        sp = rt.spawners.get(key)
-        if sp is None:
-            sp = rt.spawners[key] = Spawner(key)
-            tag = next(self.tags)
-            self.spawner_requests[tag] = (rt, sp)
-            ipc.send(rt.sock, {"op": "spawner", "tag": tag, "user": ex.req.user,
-                               "privileged": ex.req.privileged})
-        if sp.sock is None:
-            sp.waiting.append(ex)
-        else:
+        sp = rt.spawners.get(key) or self.start_worker(rt, key)
+        if sp.ready:
             self.send_spawn(rt, sp, ex)
+        else:
+            sp.waiting.append(ex)
 
     def send_spawn(self, rt: Runtime, sp: Spawner, ex: Exec) -> None:
         stdin = ex.open_stdin()

@@ -92,8 +92,9 @@ class Zygote:
         theirs.close()
         self.sock = ours
 
-    def fork(self, tag: Any, spec: dict) -> None:
-        ipc.send(self.sock, {"op": "fork", "tag": tag, "spec": spec})
+    def fork(self, tag: Any, spec: dict, user: str | None, privileged: bool) -> None:
+        ipc.send(self.sock, {"op": "fork", "tag": tag, "spec": spec, "user": user,
+                             "privileged": privileged})
 
     def close(self) -> None:
         self.sock.close()

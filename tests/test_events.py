@@ -51,7 +51,8 @@ def test_event_stream_and_cli(box, container, tmp_path):
             wait_for(both_subscribed, 15, "both subscribers to see an exec.exited")
             line = json.loads(cli.stdout.readline())
             assert line["topic"] == "exec.exited" and line["exit_code"] == 6
-            started, exited = sub.topic("exec.started")[-1], sub.topic("exec.exited")[-1]
+            exited = sub.topic("exec.exited")[-1]
+            started = [e for e in sub.topic("exec.started") if e["exec_id"] == exited["exec_id"]][0]
             assert started["pid"] == exited["pid"] and exited["exit_code"] == 6
             assert exited["container"] == container and exited["timings"]["total"] > 0
 

@@ -106,7 +106,7 @@ def test_supervisor_sigkill_leaves_no_worker_behind(box, tmp_path):
             row = wait_ready(c, cid)
             assert c.exec(cid, ["true"])["exit_code"] == 0
         family = _descendants(sup.proc.pid)
-        assert row["worker_pid"] in family and len(family) >= 3  # zygote, worker, spawner
+        assert row["worker_pid"] in family and len(family) >= 2  # the zygote and the worker
         sup.proc.kill()
         sup.proc.wait()
         wait_for(lambda: not any(_alive(p) for p in family), 5, "zygote, workers and spawners to die")

@@ -11,7 +11,7 @@ from warmexec.protocol import Client, errors
 from warmexec.protocol.errors import WarmexecError
 from warmexec.worker import seccomp
 
-from .conftest import Supervisor, wait_ready
+from .conftest import Supervisor, wait_for, wait_ready
 from .test_parity import PROBE
 
 pytestmark = [pytest.mark.root,
@@ -85,10 +85,12 @@ def test_profile_that_cannot_be_read_fails_closed(box, tmp_path):
     sup = Supervisor(box, str(tmp_path))
     try:
         with Client(sup.endpoint) as c:
-            wait_ready(c, cid)
+            row = wait_for(lambda: next((r for r in c.list() if r["id"] == cid
+                                         and r["state"] == "FATAL"), None), 10, "FATAL")
+            assert row["restarts"] == 1 and "seccomp" in row["last_error"]  # no retry loop
             with pytest.raises(WarmexecError) as e:
                 c.exec(cid, ["true"])
-            assert e.value.code == errors.SPAWN_FAILED and "seccomp" in e.value.message
+            assert e.value.code == errors.WORKER_UNAVAILABLE and "seccomp" in e.value.message
     finally:
         sup.stop()
         os.rename(os.path.join(bundle, "config.json.away"), os.path.join(bundle, "config.json"))

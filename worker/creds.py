@@ -49,9 +49,14 @@ def exec_user(process: dict, spec: str | None) -> ExecUser:
     return user
 
 
+class Refused(Exception):
+    """The container needs confinement warmexec cannot apply: refuse, never run less
+    confined than runc exec would."""
+
+
 def make_profile(process: dict, spec: str | None, privileged: bool) -> dict:
-    if process.get("refuse"):  # fail closed: never less confined than runc exec
-        raise PermissionError(errno.EPERM, process["refuse"])
+    if process.get("refuse"):
+        raise Refused(process["refuse"])
     user = exec_user(process, spec)
     caps = {name: linux.cap_mask(process["caps"].get(name)) for name in _CAP_SETS}
     if privileged:

@@ -1,22 +1,23 @@
-"""The spawner: a warm process that already is what an exec'd process must be.
+"""Serving execs from a worker that already is what an exec'd process must be.
 
-Forked by a worker inside the container's namespaces, a spawner joins the
-container's cgroups, takes one credential profile (see :mod:`creds`) and then serves
-the supervisor directly over its own socketpair::
+The worker (see :mod:`worker`) has joined the container and taken one credential
+profile; this is its loop, over its socketpair with the supervisor::
 
     supervisor -> {op: spawn, id, argv, env, cwd, capture} (+ fds [stdin] if any input)
-    spawner    -> {op: started, id, pid, host_pid}  |  {op: failed, id, errno, stage}
-    spawner    -> {op: out, id, stream, data}...  (only for output over one message)
-    spawner    -> {op: exited, id, status, utime, stime, maxrss, started_at,
+    worker     -> {op: started, id, pid, container_pid, started_at}
+                | {op: failed, id, errno, stage}
+    worker     -> {op: out, id, stream, data}...  (only for output over one message)
+    worker     -> {op: exited, id, status, utime, stime, maxrss,
                    stdout, stderr, stdout_total, stderr_total}
     supervisor -> {op: kill, id, signal}
+    worker     -> {op: container_exited}  (its init's pidfd turned readable; then it exits)
 
 Each exec is a posix_spawn (vfork + exec) of the command in a new session, so the
-command inherits cgroups, namespaces and credentials for free. The spawner owns the
+command inherits cgroups, namespaces and credentials for free. The worker owns the
 command's output pipes and keeps up to ``capture`` bytes of each (the rest is read and
 dropped), so the supervisor handles two small messages per exec and no descriptors.
-It learns the command's host pid from its pidfd's fdinfo, read through a directory of
-the *host's* procfs that the worker opened before joining the container. Children are
+The worker lives in the host's pid namespace: posix_spawn returns the host pid, and
+the pid inside the container comes from the pidfd's fdinfo (NSpid). Children are
 reaped through their pidfds with wait4 (for rusage); nothing else here has children.
 """
 
@@ -32,38 +33,10 @@ import stat
 import time
 
 from ..protocol import ipc
-from . import creds, linux
+from . import creds
 
 CHUNK = 96 * 1024  # output per message: well under a socketpair's default send buffer
 _READ = 65536
-
-
-def spawner_main(sock: socket.socket, spec: dict, profile: dict, joined: dict) -> None:
-    """Become the profile's spawner; ``joined`` holds the fds the worker opened on the
-    host before it joined the container (see worker.join)."""
-    # Our worker as we see it: 0 when it is outside our pid namespace (a container's).
-    worker = os.getppid()
-    for fd in joined["cgroup_fds"]:
-        os.write(fd, b"0")  # "0" is the writer itself, whatever pid namespace it is in
-        os.close(fd)
-    if joined["cgroupns_fd"] is not None:
-        linux.setns(joined["cgroupns_fd"], linux.CLONE_NEWCGROUP)
-        os.close(joined["cgroupns_fd"])
-    # Our own fdinfo in the host's procfs: pids read there are host pids. Only this
-    # directory is kept, not the host's /proc.
-    fdinfo = os.open("self/fdinfo", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=joined["proc"])
-    os.close(joined["proc"])
-    # Nothing of the supervisor's (its log files, its terminal) stays open in here.
-    for target in (0, 1, 2):
-        os.dup2(joined["devnull"], target)
-    os.close(joined["devnull"])
-    creds.apply(profile)
-    # A uid change clears the parent-death signal and the dumpable flag: set both now.
-    linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-    linux.prctl(linux.PR_SET_DUMPABLE, 0)
-    if os.getppid() != worker:  # it died before the death signal was set
-        return
-    Spawner(sock, spec, profile, fdinfo).run()
 
 
 class Output:
@@ -102,9 +75,11 @@ class Child:
 
 
 class Spawner:
-    def __init__(self, sock: socket.socket, spec: dict, profile: dict, fdinfo: int) -> None:
+    def __init__(self, sock: socket.socket, spec: dict, profile: dict, fdinfo: int,
+                 init_pidfd: int) -> None:
         self.sock = sock
-        self.fdinfo = fdinfo
+        self.fdinfo = fdinfo  # our own fdinfo directory in the host's procfs
+        self.init_pidfd = init_pidfd
         self.base_env = _env_dict(spec["process"]["env"])
         self.base_env.setdefault("HOME", profile["home"])
         self.cwd = spec["process"]["cwd"] or "/"
@@ -118,10 +93,14 @@ class Spawner:
         self.pipes: dict[int, Output] = {}  # read end -> output
         self.poll = select.poll()
         self.poll.register(sock, select.POLLIN)
+        self.poll.register(init_pidfd, select.POLLIN)
 
     def run(self) -> None:
         while True:
             for fd, _ in self.poll.poll():
+                if fd == self.init_pidfd:
+                    ipc.send(self.sock, {"op": "container_exited"})
+                    return
                 if fd == self.sock.fileno():
                     msg, fds = ipc.recv(self.sock)
                     if msg is None:
@@ -188,7 +167,8 @@ class Spawner:
             self.pipes[out.fd] = out
             self.poll.register(out.fd, select.POLLIN)
         ipc.send(self.sock, {"op": "started", "id": exec_id, "pid": pid,
-                             "host_pid": self.host_pid(pidfd), "started_at": child.started_at})
+                             "container_pid": self.container_pid(pidfd),
+                             "started_at": child.started_at})
 
     def start(self, path: str, argv: list[str], env: dict, fds: list[int]) -> int:
         if self.deferred:
@@ -197,16 +177,16 @@ class Spawner:
                               file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)],
                               setsid=True, setsigdef=self.sigdef, setsigmask=())
 
-    def host_pid(self, pidfd: int) -> int | None:
-        """The child's pid in the host's pid namespace, from its pidfd's fdinfo."""
+    def container_pid(self, pidfd: int) -> int | None:
+        """The child's pid in its own (the container's) pid namespace: NSpid's last field."""
         try:
             fd = os.open(str(pidfd), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.fdinfo)
             try:
                 data = os.read(fd, 512)
             finally:
                 os.close(fd)
-            line = data[data.index(b"Pid:"):].split(b"\n", 1)[0]
-            return int(line.split()[1])
+            line = data[data.index(b"NSpid:"):].split(b"\n", 1)[0]
+            return int(line.split()[-1])
         except (OSError, ValueError):
             return None
 

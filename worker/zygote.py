@@ -5,8 +5,11 @@ multithreaded, and the kernel refuses setns into a mount or user namespace from 
 multithreaded process. So the supervisor execs this module once, at start-up, with
 one end of a socketpair (its fd number on the command line), and asks it for workers::
 
-    supervisor -> {op: fork, tag, spec}
+    supervisor -> {op: fork, tag, spec, user, privileged}
     zygote     -> {op: forked, tag, pid} + fds [worker socket]
+
+A worker serves one (container, credential profile): the container's default user,
+or a request's user and privileged flag.
 
 It imports only what a worker needs, then freezes the heap (gc.freeze) so that forked
 workers share its pages instead of copying them on the first garbage collection.
@@ -81,7 +84,7 @@ def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int
                 os.close(fd)
             sock.close()
             ours.close()
-            worker_main(theirs, msg["spec"], me)
+            worker_main(theirs, msg["spec"], msg.get("user"), bool(msg.get("privileged")), me)
             code = 0
         except (BrokenPipeError, ConnectionResetError):
             code = 0  # the supervisor let go of this worker
