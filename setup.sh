@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what warmexec needs on a Debian machine, as root: runc and a static busybox
-# (the tests' and demo's container rootfs), and a virtualenv (.venv) holding the project
-# with its test extras. Idempotent: a second run installs nothing new.
+# (the tests' and demo's container rootfs), Prometheus (its promtool and server check the
+# alert rules and the dashboard's queries), and a virtualenv (.venv) holding the project
+# with its test and bench extras. Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -11,13 +12,15 @@ dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # the rules and real-Prometheus tests
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench]'

@@ -29,7 +29,11 @@ HWM = 10000
 
 
 class Events:
-    def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Any = None) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Any = None,
+                 insecure_tcp: bool = False) -> None:
+        if endpoint.startswith("tcp://") and not insecure_tcp:
+            raise SystemExit("warmexec: the event stream carries every exec's argv: serve it on "
+                             "an ipc:// endpoint, or pass --insecure-tcp")
         self.sock = ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.SNDHWM, HWM)
         self.sock.setsockopt(zmq.XPUB_NODROP, 1)

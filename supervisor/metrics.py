@@ -12,10 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 
+from ..protocol.errors import ALL
 from .containers import State
+
+HOOK_KINDS = ("start", "exit")
+HOOK_FAILURES = ("timeout", "exit_status", "spawn", "dropped", "exception")
 
 # 50 µs .. 10 s: the warm path lives at the bottom, runc-like execs and hangs at the top.
 SPAWN_BUCKETS = (50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 750e-6, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3,
@@ -55,6 +66,16 @@ class Metrics:
                                       "Events not published: a subscriber was too slow", registry=r)
         self._table: Callable[[], Iterable[Any]] = lambda: ()
         r.register(_LiveCollector(self))
+        ProcessCollector(registry=r)  # the supervisor's own CPU, memory, fds
+        PlatformCollector(registry=r)
+        # Series that exist from the start, at 0: rate() and increase() then see the
+        # first error or hook failure too, not only the second.
+        for code in sorted(ALL):
+            self.errors.labels(code)
+        for kind in HOOK_KINDS:
+            self.hook_runs.labels(kind)
+            for reason in HOOK_FAILURES:
+                self.hook_failures.labels(kind, reason)
 
     def watch(self, table: Callable[[], Iterable[Any]]) -> None:
         """Give the scrape-time gauges the container table (a callable returning runtimes)."""

@@ -129,7 +129,7 @@ class Supervisor:
         self.roots_patterns = roots
         self.scan_interval = scan_interval
         self.watcher = inotify.Watcher()
-        self.events = Events(self.ctx, events, metrics) if events else None
+        self.events = Events(self.ctx, events, metrics, insecure_tcp) if events else None
         self.dispatch = Dispatcher(self.loop, self.zygote, self.reply, metrics, self.hooks,
                                    max_inflight, max_inflight_per_container,
                                    self.events.publish if self.events else None)

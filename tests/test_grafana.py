@@ -31,6 +31,12 @@ MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*"')
 BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 LEGEND = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")
 RANGE_FUNCS = re.compile(r"\b(?:rate|irate|increase)\(")
+# Chained: a namespace narrows the pods offered, a namespace and pod narrow the containers.
+FILTERS = {
+    "namespace": "label_values(warmexec_exec_exits_total, namespace)",
+    "pod": 'label_values(warmexec_exec_exits_total{namespace=~"$namespace"}, pod)',
+    "container": 'label_values(warmexec_exec_exits_total{namespace=~"$namespace",pod=~"$pod"}, container)',
+}
 
 
 # ---- helpers ---------------------------------------------------------------------
@@ -121,11 +127,14 @@ def test_dashboard_identity_and_variables():
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     ds = variables["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
-    c = variables["container"]
-    q = c["query"]["query"] if isinstance(c["query"], dict) else c["query"]
-    assert q == "label_values(warmexec_exec_exits_total, container)"
-    assert c["type"] == "query" and c["datasource"] == DS
-    assert c["multi"] and c["includeAll"] and c["allValue"] == ".*"
+    assert list(variables) == ["datasource", *FILTERS]
+    for name, query in FILTERS.items():
+        v = variables[name]
+        q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+        assert q == query and v["definition"] == query, name
+        assert v["type"] == "query" and v["datasource"] == DS, name
+        # All is ".*", which also matches the empty pod/namespace of non-Kubernetes containers
+        assert v["multi"] and v["includeAll"] and v["allValue"] == ".*", name
     assert [p["title"] for p in dash["panels"] if p["type"] == "row"] == ROWS
     ids = [p["id"] for p in all_panels(dash)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -150,15 +159,23 @@ def test_every_panel_uses_the_datasource_variable_and_a_unit():
 
 
 def test_every_rate_uses_rate_interval():
-    for expr in exprs(load()):
-        calls = list(RANGE_FUNCS.finditer(expr))
-        for call in calls:
-            args = call_args(expr, call.end() - 1)
-            assert args.rstrip().endswith("[$__rate_interval]"), \
-                f"{call.group(0)} without $__rate_interval: {expr}"
-        ranges = re.findall(r"\[([^\]]*)\]", expr)
-        assert all(r == "$__rate_interval" for r in ranges), expr
-        assert len(ranges) == len(calls), f"a range vector outside rate(): {expr}"
+    """rate() over $__rate_interval everywhere; the one exception is a stat's count over the
+    dashboard's range, increase(...[$__range]) in an instant query (e.g. events dropped)."""
+    for p in data_panels(load()):
+        for t in p["targets"]:
+            expr = t["expr"]
+            whole_range = p["type"] == "stat" and t.get("instant") and not t.get("range")
+            calls = list(RANGE_FUNCS.finditer(expr))
+            for call in calls:
+                args = call_args(expr, call.end() - 1).rstrip()
+                if whole_range and call.group(0) == "increase(" and args.endswith("[$__range]"):
+                    continue
+                assert args.endswith("[$__rate_interval]"), \
+                    f"{call.group(0)} without $__rate_interval: {expr}"
+            ranges = re.findall(r"\[([^\]]*)\]", expr)
+            allowed = {"$__rate_interval", "$__range"} if whole_range else {"$__rate_interval"}
+            assert all(r in allowed for r in ranges), expr
+            assert len(ranges) == len(calls), f"a range vector outside rate(): {expr}"
 
 
 def test_dashboard_queries_only_exported_metrics_and_labels():
@@ -167,8 +184,9 @@ def test_dashboard_queries_only_exported_metrics_and_labels():
     used = queried_metrics(dash)
     assert used, "no metric found in the dashboard"
     assert used <= set(names), f"not exported by the supervisor: {sorted(used - set(names))}"
-    # every metric the supervisor exports is on the dashboard (the _sum/_count of histograms aside)
-    wanted = {n for n in names if not n.endswith(("_sum", "_count"))}
+    # every warmexec metric is on the dashboard (the _sum/_count of histograms aside; the
+    # standard process_*/python_* collectors are for generic process dashboards)
+    wanted = {n for n in names if n.startswith("warmexec_") and not n.endswith(("_sum", "_count"))}
     assert wanted <= used, f"exported but not on the dashboard: {sorted(wanted - used)}"
     for p in data_panels(dash):
         for t in p["targets"]:
@@ -182,11 +200,19 @@ def test_dashboard_queries_only_exported_metrics_and_labels():
             assert grouped <= available, f"{p['title']}: grouping by {sorted(grouped - available)}"
             legend = set(LEGEND.findall(t.get("legendFormat", "")))
             assert legend <= grouped, f"{p['title']}: legend {sorted(legend - grouped)} not in by()"
-            # the container filter is applied wherever the metric carries that label
+            # the container, pod and namespace filters apply wherever the metric carries the label
             for metric in metrics_here:
-                if "container" in names[metric]:
-                    assert re.search(re.escape(metric) + r'\{[^}]*container=~"\$container"', expr), \
-                        f"{p['title']}: {metric} not filtered by $container"
+                for label in FILTERS:
+                    if label not in names[metric]:
+                        continue
+                    selectors = re.findall(re.escape(metric) + r"\{([^}]*)\}", expr)
+                    assert selectors and all(f'{label}=~"${label}"' in sel for sel in selectors), \
+                        f"{p['title']}: {metric} not filtered by ${label}"
+    # the variables' own queries only use exported labels
+    for query in FILTERS.values():
+        (metric, body), = SELECTOR.findall(query) or [("warmexec_exec_exits_total", "")]
+        label = re.search(r",\s*([a-z_]+)\)$", query).group(1)
+        assert {label, *MATCHER.findall(body)} <= names[metric], query
 
 
 def test_quantiles_aggregate_buckets_by_le():

@@ -1,0 +1,361 @@
+"""The Prometheus rules, the exposition format and the dashboard, through real Prometheus tools.
+
+- promtool checks the rules and runs their unit tests (prometheus/warmexec.rules.test.yml), and
+  every alert and recording rule there has the cases it needs (no root).
+- promtool lints a real scrape of the session supervisor after real execs (root).
+- A real Prometheus scrapes the session supervisor every second and evaluates the rules; every
+  query of every dashboard panel, every variable and every rule is then run through its HTTP
+  API and must succeed with data of the expected shape (root).
+
+Debian's package `prometheus` provides both binaries. Outside CI a missing binary skips these
+tests; in CI (CI set in the environment) it fails them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from bench.harness import free_port
+from warmexec.protocol.errors import WarmexecError
+
+from .conftest import REPO, wait_for, wait_ready
+from .test_grafana import data_panels, load
+
+RULES = os.path.join(REPO, "prometheus", "warmexec.rules.yml")
+RULES_TEST = os.path.join(REPO, "prometheus", "warmexec.rules.test.yml")
+ALERT = re.compile(r"^\s*- alert:\s*(\S+)\s*$", re.M)
+RECORD = re.compile(r"^\s*- record:\s*(\S+)\s*$", re.M)
+SEVERITIES = {"critical", "warning", "info"}
+
+# What the dashboard's variables and ranges stand for in the queries sent to Prometheus.
+RATE_INTERVAL = "1m"  # the whole test fits in it: every exec below is inside every window
+RANGE = "1m"
+ALL = {"container": ".*", "pod": ".*", "namespace": ".*"}
+# Panels whose metrics this test does not exercise: their queries may return nothing.
+MAY_BE_EMPTY = {"OOM kills", "Hook failures by kind / reason"}
+K8S = {"pod": "probe-0", "namespace": "monitoring"}
+
+
+def binary(name: str) -> str:
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed (Debian: apt-get install prometheus)"
+    if os.environ.get("CI"):
+        pytest.fail(message + ": CI must install it")
+    pytest.skip(message)
+
+
+# ---- the rules (no root) -----------------------------------------------------------
+def test_rules_pass_promtool_check_and_their_unit_tests():
+    promtool = binary("promtool")
+    with open(RULES) as f:
+        rules = f.read()
+    alerts, records = ALERT.findall(rules), RECORD.findall(rules)
+    check = subprocess.run([promtool, "check", "rules", RULES], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"SUCCESS: {len(alerts) + len(records)} rules found" in check.stdout, check.stdout
+    unit = subprocess.run([promtool, "test", "rules", RULES_TEST], capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(RULES_TEST))
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    assert "SUCCESS" in unit.stdout, unit.stdout
+
+
+def test_every_rule_has_unit_tests_that_fire_and_do_not_fire():
+    """promtool passes a test file that forgets an alert: make sure none is forgotten.
+
+    Each alert needs a case where it fires, with its severity and summary/description
+    annotations spelled out (promtool compares them whole), and a case where it does not;
+    each recording rule needs an expression test. Read as text: YAML is not a test dependency.
+    """
+    with open(RULES) as f:
+        rules = f.read()
+    with open(RULES_TEST) as f:
+        tests = f.read()
+    alerts, records = ALERT.findall(rules), RECORD.findall(rules)
+    assert len(alerts) >= 7 and len(set(alerts)) == len(alerts), alerts
+    for name in ("WarmexecSupervisorDown", "WarmexecContainerExecsFailing", "WarmexecExecFailureRatioHigh",
+                 "WarmexecExecLatencyHigh", "WarmexecWorkerCrashLooping", "WarmexecWorkersFatal",
+                 "WarmexecHookFailures", "WarmexecEventsDropped"):
+        assert name in alerts, f"{name} is missing from the rules"
+    for rule in re.split(r"^\s*- alert:", rules, flags=re.M)[1:]:
+        name = rule.split()[0]
+        severity = re.search(r"^\s*severity:\s*(\S+)", rule, re.M)
+        assert severity and severity.group(1) in SEVERITIES, f"{name}: severity label"
+        for annotation in ("summary", "description"):
+            assert re.search(rf"^\s*{annotation}:", rule, re.M), f"{name}: no {annotation}"
+    cases = re.split(r"^\s*- eval_time:", tests, flags=re.M)[1:]
+    for name in alerts:
+        mine = [c for c in cases if re.search(rf"^\s*alertname:\s*{name}\s*$", c, re.M)]
+        assert any(re.search(r"exp_alerts:\s*\[\]", c) for c in mine), f"{name}: no not-firing case"
+        firing = [c for c in mine if re.search(r"exp_alerts:\s*\n\s*- exp_labels:", c)]
+        assert firing, f"{name}: no firing case"
+        assert all("severity:" in c and "summary:" in c and "description:" in c for c in firing), \
+            f"{name}: a firing case without its severity and annotations"
+    for name in records:
+        assert re.search(rf"^\s*- expr:.*\b{re.escape(name)}\b", tests, re.M), f"{name}: no expression test"
+
+
+# ---- a real scrape (root) ----------------------------------------------------------
+@pytest.mark.root
+def test_promtool_check_metrics_accepts_a_real_scrape(supervisor, client, container):
+    promtool = binary("promtool")
+    assert client.exec(container, ["true"])["exit_code"] == 0
+    assert client.exec(container, ["sh", "-c", "exit 3"])["exit_code"] == 3
+    with pytest.raises(WarmexecError):
+        client.exec("no-such-container", ["true"])
+    url = f"http://127.0.0.1:{supervisor.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read()
+    assert b"warmexec_exec_exits_total{" in text and b"warmexec_exec_errors_total{" in text
+    lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    problems = (lint.stdout + lint.stderr).decode()
+    assert lint.returncode == 0 and not problems.strip(), problems
+
+
+# ---- a real Prometheus (root) ------------------------------------------------------
+class Prometheus:
+    """`prometheus` on a free loopback port and a private TSDB, scraping one supervisor."""
+
+    def __init__(self, workdir: str, metrics_port: int) -> None:
+        self.started = time.monotonic()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = os.path.join(workdir, "prometheus.yml")
+        with open(config, "w") as f:
+            f.write("global:\n"
+                    "  scrape_interval: 1s\n"
+                    "  scrape_timeout: 1s\n"
+                    "  evaluation_interval: 1s\n"
+                    f"rule_files:\n  - {RULES}\n"
+                    "scrape_configs:\n"
+                    "  - job_name: warmexec\n"
+                    "    static_configs:\n"
+                    f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+        self.log_path = os.path.join(workdir, "prometheus.log")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [binary("prometheus"), f"--config.file={config}",
+                 f"--storage.tsdb.path={os.path.join(workdir, 'tsdb')}",
+                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for(self._ready, 30, "Prometheus to be ready")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.read_log()}")
+        try:
+            return urllib.request.urlopen(self.url + "/-/ready", timeout=1).status == 200
+        except OSError:
+            return False
+
+    def read_log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")[-5000:]
+
+    def api(self, path: str, **params: str) -> dict:
+        """GET /api/v1/PATH; the "data" of a successful answer (an error fails the test)."""
+        query = urllib.parse.urlencode(params, doseq=True)
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{path}?{query}", timeout=10) as r:
+                body = json.load(r)
+        except urllib.error.HTTPError as e:  # 400/422: a bad query, with Prometheus' reason
+            body = json.load(e)
+        assert body["status"] == "success", f"{path} {params}: {body.get('errorType')}: {body.get('error')}"
+        return body["data"]
+
+    def query(self, expr: str) -> dict:
+        return self.api("query", query=expr)
+
+    def query_range(self, expr: str, seconds: int) -> dict:
+        end = time.time()
+        return self.api("query_range", query=expr, start=f"{end - seconds:.3f}", end=f"{end:.3f}", step="1")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def prometheus(supervisor, tmp_path) -> Iterator[Prometheus]:
+    prom = Prometheus(str(tmp_path), supervisor.metrics_port)
+    try:
+        yield prom
+    finally:
+        prom.stop()
+
+
+def substitute(expr: str, **variables: str) -> str:
+    """What Grafana sends for a dashboard query: its variables and intervals filled in."""
+    values = {**ALL, **variables}
+    expr = expr.replace("$__rate_interval", RATE_INTERVAL).replace("$__range", RANGE)
+    return re.sub(r"\$\{?(container|pod|namespace)\}?", lambda m: values[m.group(1)], expr)
+
+
+def values(result: list[dict]) -> list[float]:
+    return [float(sample["value"][1]) for sample in result]
+
+
+def label_values(prom: Prometheus, query: str) -> list[str]:
+    """Grafana's label_values(SELECTOR, LABEL): Prometheus' label values API, matched."""
+    selector, label = re.fullmatch(r"label_values\((.*), (\w+)\)", query).groups()
+    return prom.api(f"label/{label}/values", **{"match[]": selector})
+
+
+def exercise(client, container: str, k8s: str) -> None:
+    """One round of execs with every outcome the dashboard shows, bar OOM kills and hook failures."""
+    for _ in range(3):
+        assert client.exec(container, ["true"])["exit_code"] == 0
+    assert client.exec(container, ["sh", "-c", "exit 3"])["exit_code"] == 3
+    assert client.exec(container, ["sleep", "5"], timeout=0.2)["timed_out"]
+    with pytest.raises(WarmexecError) as e:
+        client.exec("no-such-container", ["true"])
+    assert e.value.code == "NO_SUCH_CONTAINER"
+    with pytest.raises(WarmexecError) as e:
+        client.exec(container, ["true"], cwd="/does/not/exist")
+    assert e.value.code == "BAD_CWD"
+    # the Kubernetes container's probe mostly fails: 3 in 4
+    for _ in range(3):
+        assert client.exec(k8s, ["sh", "-c", "exit 1"])["exit_code"] == 1
+    assert client.exec(k8s, ["true"])["exit_code"] == 0
+
+
+@pytest.mark.root
+def test_prometheus_evaluates_every_dashboard_query_and_rule(box, supervisor, client, container, prometheus):
+    cfg = box.config()
+    cfg["annotations"] = {"io.kubernetes.cri.sandbox-name": K8S["pod"],
+                          "io.kubernetes.cri.sandbox-namespace": K8S["namespace"]}
+    k8s = box.run("prom-probe", cfg)
+    try:
+        wait_ready(client, k8s)
+        _check(prometheus, client, container, k8s)
+    finally:
+        box.delete(k8s)
+        wait_for(lambda: all(r["id"] != k8s for r in client.list()), 10, "the probe container to go")
+    assert time.monotonic() - prometheus.started < 60, "keep this test under a minute"
+
+
+def _check(prom: Prometheus, client, container: str, k8s: str) -> None:
+    # ---- scrapes: two rounds of execs, each seen by Prometheus, so rate() has an increase
+    wait_for(lambda: values(prom.query('up{job="warmexec"}')["result"]) == [1.0], 15,
+             "Prometheus to scrape the supervisor")
+    probe_failures = f'warmexec_exec_exits_total{{container="{k8s}",code="1"}}'
+    for total in (3.0, 6.0):
+        exercise(client, container, k8s)
+        wait_for(lambda total=total: values(prom.query(probe_failures)["result"]) == [total], 15,
+                 f"Prometheus to scrape {total:.0f} failed probes")
+    # the supervisor's scrape and the rules are healthy
+    (target,) = prom.api("targets", state="active")["activeTargets"]
+    assert target["health"] == "up" and target["labels"]["job"] == "warmexec", target
+
+    def evaluated() -> list[dict] | None:
+        rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
+        return rules if rules and all(r["health"] == "ok" for r in rules) else None
+    rules = wait_for(evaluated, 10, "every rule to be evaluated without error")
+    with open(RULES) as f:
+        text = f.read()
+    assert sorted(r["name"] for r in rules) == sorted(ALERT.findall(text) + RECORD.findall(text))
+
+    # ---- every query of every panel, instant and over a range
+    results: dict[str, list[dict]] = {}
+    for panel in data_panels(load()):
+        for target in panel["targets"]:
+            expr = substitute(target["expr"])
+            data = prom.query(expr)
+            assert data["resultType"] == "vector", f"{panel['title']}: {expr}"
+            where = f"{panel['title']} [{target.get('legendFormat')}]: {expr}"
+            if panel["title"] not in MAY_BE_EMPTY:
+                assert data["result"], f"no data for {where}"
+            if target.get("range", True):
+                matrix = prom.query_range(expr, 20)
+                assert matrix["resultType"] == "matrix", where
+                if panel["title"] not in MAY_BE_EMPTY:
+                    assert matrix["result"] and all(s["values"] for s in matrix["result"]), where
+            results[f"{panel['title']}/{target['refId']}"] = data["result"]
+
+    def panel(title: str, ref: str = "A") -> list[dict]:
+        return results[f"{title}/{ref}"]
+
+    assert values(panel("Exec rate"))[0] > 0
+    assert 0 < values(panel("Failure ratio"))[0] < 1
+    for title in ("Latency p50", "Latency p99"):
+        (p,) = values(panel(title))
+        assert math.isfinite(p) and 0 < p <= 60, (title, p)
+    for ref in "ABC":
+        for title in ("Exec duration p50 / p90 / p99", "Spawn latency p50 / p90 / p99"):
+            (p,) = values(panel(title, ref))
+            assert math.isfinite(p) and p > 0, (title, ref, p)
+    codes = {s["metric"]["code"] for s in panel("Exits by code")}
+    assert {"0", "1", "3", "137"} <= codes, codes
+    assert {s["metric"]["code"] for s in panel("Errors by code")} >= {"NO_SUCH_CONTAINER", "BAD_CWD"}
+    nonzero = {s["metric"]["container"]: s["metric"] for s in panel("Non-zero exits by container")}
+    assert nonzero[k8s].get("pod") == K8S["pod"] and nonzero[k8s].get("namespace") == K8S["namespace"]
+    assert container in nonzero and "pod" not in nonzero[container]  # Prometheus drops empty labels
+    assert container in {s["metric"]["container"] for s in panel("Timeouts")}
+    states = {s["metric"]["state"]: float(s["value"][1]) for s in panel("Workers by state")}
+    assert set(states) == {"STARTING", "JOINING", "READY", "BACKOFF", "FATAL"} and states["READY"] >= 2
+    assert values(panel("Workers READY", "B"))[0] >= 2  # active containers
+    assert values(panel("Events dropped")) == [0.0]
+    assert {s["metric"]["kind"] for s in panel("Hook runs by kind")} == {"start", "exit"}
+
+    # ---- the variables: label_values() is Grafana's call of the label values API
+    for name, query in (("namespace", "label_values(warmexec_exec_exits_total, namespace)"),
+                        ("pod", 'label_values(warmexec_exec_exits_total{namespace=~"$namespace"}, pod)'),
+                        ("container", 'label_values(warmexec_exec_exits_total{namespace=~"$namespace",'
+                                      'pod=~"$pod"}, container)')):
+        var = next(v for v in load()["templating"]["list"] if v["name"] == name)
+        assert var["query"]["query"] == query
+        got = label_values(prom, substitute(query))
+        want = {"namespace": K8S["namespace"], "pod": K8S["pod"], "container": container}[name]
+        assert want in got, (name, got)
+    # one namespace and pod selected: only the probe container
+    only = 'label_values(warmexec_exec_exits_total{namespace=~"$namespace",pod=~"$pod"}, container)'
+    assert label_values(prom, substitute(only, **K8S)) == [k8s]
+    expr = next(t["expr"] for p in data_panels(load()) if p["title"] == "Non-zero exits by container"
+                for t in p["targets"])
+    selected = prom.query(substitute(expr, **K8S))["result"]
+    assert [s["metric"]["container"] for s in selected] == [k8s]
+
+    # ---- every rule's expression, and what Prometheus recorded and alerted
+    for rule in rules:
+        data = prom.query(rule["query"])
+        assert data["resultType"] == "vector", rule["name"]
+        if rule["type"] == "recording":
+            assert data["result"], f"no data for recording rule {rule['name']}: {rule['query']}"
+            name = rule["name"]
+            wait_for(lambda name=name: prom.query(name)["result"], 10, f"{name} to be recorded")
+        else:
+            assert rule["labels"].get("severity") in SEVERITIES, rule["name"]
+            assert {"summary", "description"} <= set(rule["annotations"]), rule["name"]
+    p99 = values(prom.query("instance:warmexec_exec_duration_seconds:p99_5m")["result"])
+    assert len(p99) == 1 and math.isfinite(p99[0])
+
+    def probe_alert() -> dict | None:
+        return next((a for a in prom.api("alerts")["alerts"]
+                     if a["labels"]["alertname"] == "WarmexecContainerExecsFailing"
+                     and a["labels"].get("container") == k8s), None)
+    alert = wait_for(probe_alert, 10, "WarmexecContainerExecsFailing to be pending for the probe container")
+    assert alert["state"] == "pending"  # for: 5m
+    assert alert["labels"]["pod"] == K8S["pod"] and alert["labels"]["namespace"] == K8S["namespace"]
+    assert alert["annotations"]["summary"] == (
+        f"Most execs in container {k8s} (pod {K8S['namespace']}/{K8S['pod']}) on "
+        f"{alert['labels']['instance']} exit non-zero")
+    assert alert["annotations"]["description"].startswith("75% of the execs"), alert["annotations"]
+    firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]}
+    assert "WarmexecSupervisorDown" not in firing, firing
