@@ -26,6 +26,7 @@ from .messages import VERSION
 
 DEFAULT_ENDPOINT = "ipc:///run/warmexec/warmexec.sock"
 LIVENESS = 5.0  # seconds without a reply before the supervisor is pinged
+REPLY_MARGIN = 30.0  # beyond an exec's own timeout
 
 
 def default_endpoint() -> str:
@@ -91,7 +92,9 @@ class Client:
         rid = self.submit("exec", container=container, argv=list(argv), env=env, cwd=cwd,
                           user=user, timeout=timeout, stdin=stdin, capture=capture,
                           privileged=privileged)
-        return self.result(rid, None)
+        # With a timeout, the supervisor answers by timeout + its kill grace: wait a
+        # margin more, never forever. Without one, wait while the supervisor lives.
+        return self.result(rid, None if timeout is None else timeout + REPLY_MARGIN)
 
     def ping(self, timeout: float = 5.0) -> dict:
         return self.call("ping", timeout)

@@ -76,8 +76,10 @@ def scan(root: str) -> dict[str, str]:
     try:
         with os.scandir(root) as entries:
             return {e.name: e.path for e in entries if e.is_dir()}
-    except OSError:
-        return {}
+    except FileNotFoundError:
+        return {}  # the root is gone: so are its containers
+    except OSError as exc:  # EMFILE, EACCES...: we know nothing, which is not "none"
+        raise DiscoveryError(f"cannot list {root}: {exc.strerror}") from None
 
 
 def state_file(directory: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -18,7 +19,15 @@ from .server import Supervisor
 log = logging.getLogger("warmexec")
 
 
+def raise_fd_limit() -> None:
+    """A few fds per warm container: take the hard limit, as daemons do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    raise_fd_limit()
     limits = cfg.get("limits", {})
     auth = Auth(cfg["auth"], cfg.get("acl", {})) if cfg.get("auth") else None
     metrics = Metrics(container_label=not args.no_container_label and cfg.get("container_label", True))

@@ -205,11 +205,15 @@ class Supervisor:
     def rescan(self) -> None:
         """List every root; watch what is new; add and drop containers."""
         seen: dict[str, tuple[str, str]] = {}
-        for root in discovery.expand_roots(self.roots_patterns):
-            self.watcher.watch(root, inotify.ROOT_EVENTS)
-            for cid, directory in discovery.scan(root).items():
-                self.watcher.watch(directory, inotify.DIR_EVENTS)
-                seen.setdefault(cid, (root, directory))
+        try:
+            for root in discovery.expand_roots(self.roots_patterns):
+                self.watcher.watch(root, inotify.ROOT_EVENTS)
+                for cid, directory in discovery.scan(root).items():
+                    self.watcher.watch(directory, inotify.DIR_EVENTS)
+                    seen.setdefault(cid, (root, directory))
+        except discovery.DiscoveryError as exc:
+            log.error("rescan skipped, containers kept as they are: %s", exc)
+            return
         self.dispatch.sync_discovered(seen)
 
     def _periodic_rescan(self) -> None:

@@ -210,3 +210,26 @@ def test_missing_privileges_are_a_clear_error_not_a_partial_join(box, tmp_path):
     finally:
         sup.stop()
         box.delete(cid)
+
+
+def test_running_out_of_fds_keeps_the_containers_it_has(box, tmp_path):
+    """EMFILE while scanning is "unknown", not "no containers": nothing is dropped."""
+    cfg = box.config(rlimits=[])  # the workers inherit our low hard limit: ask for no more
+    first = box.run("fds-first", cfg)
+    sup = SupervisorProcess(box.root, str(tmp_path), metrics=False, scan_interval=0.2,
+                            wrapper=("prlimit", "--nofile=48:48", "--"))
+    more = []
+    try:
+        with Client(sup.endpoint) as c:
+            wait_ready(c, first)
+            more = [box.run(f"fds-{i}", cfg) for i in range(10)]  # more than 48 fds serve
+            wait_for(lambda: "rescan skipped" in sup.read_log() or "Too many open files" in
+                     sup.read_log(), 15, "the supervisor to run out of fds")
+            row = _row(c, first)
+            assert row["state"] == "READY" and row["restarts"] == 0
+            assert c.exec(first, ["true"])["exit_code"] == 0
+        assert "container.removed container=" + first not in sup.read_log()
+    finally:
+        sup.stop()
+        for cid in [first, *more]:
+            box.delete(cid)

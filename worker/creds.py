@@ -84,7 +84,7 @@ def apply(profile: dict) -> None:
         seccomp.load(filt)
     for res, soft, hard in profile["rlimits"]:
         if [res, soft, hard] not in deferred:
-            resource.setrlimit(res, (_lim(soft), _lim(hard)))
+            set_rlimit(res, soft, hard)
     caps = profile["caps"]
     for cap in range(linux.LAST_CAP + 1):
         if not caps["bounding"] >> cap & 1:
@@ -108,6 +108,13 @@ def apply(profile: dict) -> None:
     os.umask(profile["umask"])
     if filt and nnp:  # the last step, so it restricts the command and nothing before it
         seccomp.load(filt)
+
+
+def set_rlimit(res: int, soft: int, hard: int) -> None:
+    try:
+        resource.setrlimit(res, (_lim(soft), _lim(hard)))
+    except ValueError as exc:  # Python's word for EPERM here (raising a hard limit)
+        raise PermissionError(errno.EPERM, f"rlimit {res} ({soft}, {hard}): {exc}") from None
 
 
 def _lim(value: int) -> int:

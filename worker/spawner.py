@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import os
-import resource
 import select
 import signal
 import socket
@@ -204,7 +203,7 @@ class Spawner:
                 for s in self.sigdef:
                     signal.signal(s, signal.SIG_DFL)
                 for res, soft, hard in self.deferred:
-                    resource.setrlimit(res, (creds._lim(soft), creds._lim(hard)))
+                    creds.set_rlimit(res, soft, hard)
                 os.execve(path, argv, env)
             except OSError as exc:
                 os.write(wr, exc.errno.to_bytes(4, "little"))
