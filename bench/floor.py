@@ -2,9 +2,9 @@
 
     python3 -m bench.floor --root ROOT --container CID -n 2000 [--warmup 20]
 
-Joins one runc container exactly as a warmexec spawner does (the worker's ``join``:
-namespaces through setns on the init's pidfd, then the container's cgroups by writing
-"0" to each ``cgroup.procs``, then its cgroup namespace) and times ``posix_spawn`` of
+Joins one runc container exactly as a warmexec worker does (the worker's ``join``: the
+container's cgroups by writing "0" to each ``cgroup.procs``, then its namespaces
+through setns on the init's pidfd) and times ``posix_spawn`` of
 ``/bin/true`` plus ``waitpid``. No IPC, no supervisor: the cost any exec mechanism
 must pay at least, so the other methods can be stated as a multiple of it.
 
@@ -34,13 +34,14 @@ TRUE = "/bin/true"
 
 
 def enter(root: str, cid: str) -> dict:
-    """Join cid's namespaces and cgroups as a spawner would; return the worker spec."""
+    """Join cid's namespaces and cgroups as a worker does; return the worker spec."""
     spec = discovery.from_state(root, cid, os.path.join(root, cid, "state.json")).spec()
-    state = join(spec)
-    for fd in state["cgroup_fds"]:
+    state = join(spec)  # cgroups, then every namespace
+    # The earlier design's join left the cgroups (and the cgroup namespace) to the spawner.
+    for fd in state.get("cgroup_fds", ()):
         os.write(fd, b"0")  # "0": the writer itself, whatever pid namespace it sees
         os.close(fd)
-    if state["cgroupns_fd"] is not None:
+    if state.get("cgroupns_fd") is not None:
         linux.setns(state["cgroupns_fd"], linux.CLONE_NEWCGROUP)
         os.close(state["cgroupns_fd"])
     return spec

@@ -83,20 +83,28 @@ class RuncBox:
         cfg["root"] = {"path": "rootfs", "readonly": False}
         return cfg
 
-    def run(self, name: str, cfg: dict | None = None, userns_base: int | None = None) -> str:
+    def run(self, name: str, cfg: dict | None = None, userns_base: int | None = None,
+            shared_rootfs: bool = False) -> str:
         """Start a container; return its runc id.
 
         With userns_base, the container gets its own user namespace mapping ids 0-65535
         to userns_base..userns_base+65535 on the host, and its rootfs is chowned to match.
+        With shared_rootfs, no copy is made: the container gets the template rootfs,
+        read-only (many containers start much faster; none of them can write to it).
         """
+        if shared_rootfs and userns_base is not None:
+            raise ValueError("a shared rootfs cannot be chowned for a user namespace")
         cid = self.prefix + name
         bundle = os.path.join(self.dir, "bundles", cid)
         if os.path.exists(bundle):
             shutil.rmtree(bundle)
         os.makedirs(bundle)
         rootfs = os.path.join(bundle, "rootfs")
-        subprocess.run(["cp", "-a", self._rootfs, rootfs], check=True)  # keeps owners and modes
         cfg = cfg or self.config()
+        if shared_rootfs:
+            cfg = {**cfg, "root": {"path": self._rootfs, "readonly": True}}
+        else:
+            subprocess.run(["cp", "-a", self._rootfs, rootfs], check=True)  # keeps owners and modes
         if userns_base is not None:
             cfg = map_user_namespace(cfg, rootfs, userns_base)
             for d in (self.dir, os.path.dirname(bundle), bundle):
@@ -155,6 +163,12 @@ class RuncBox:
         for cid in list(self.ids):
             self.delete(cid)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def listed(self) -> list[str]:
+        """Every container runc knows under this box's root, including any whose
+        ``run`` failed half-way (and so is not in ``ids``)."""
+        out = subprocess.run(["runc", "--root", self.root, "list", "-q"], capture_output=True, text=True)
+        return out.stdout.split()
 
 
 def map_user_namespace(cfg: dict, rootfs: str, base: int) -> dict:

@@ -1,0 +1,93 @@
+"""bench/out/latency.png: latency CDFs, throughput curves and the scale results.
+
+matplotlib is optional (``pip install '.[bench]'``): without it the chart is skipped
+with a message, and the rest of the bench is unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+
+COLORS = {"warmexec": "tab:blue", "runc exec": "tab:red", "nsenter": "tab:orange", "floor": "tab:green"}
+
+
+def write_chart(path: str, doc: dict) -> str | None:
+    """Write the PNG; its path, or None (and a message) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("chart: matplotlib is not installed (pip install '.[bench]'); no PNG written")
+        return None
+    scale = (doc.get("scale") or {}).get("points")
+    fig, axes = plt.subplots(1, 3 if scale else 2, figsize=(18 if scale else 12, 5))
+    _latency(axes[0], doc["samples_ns"], doc["containers"])
+    _throughput(axes[1], doc["throughput"])
+    if scale:
+        _scale(axes[2], scale)
+    machine = doc["machine"]
+    fig.suptitle(f"warmexec bench: {machine['nproc']} CPUs ({machine['cpu_model']}), "
+                 f"kernel {machine['kernel']}, {machine['runc']}", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _latency(ax, samples: dict[str, list[int]], containers: int) -> None:
+    for method, ns in samples.items():
+        xs = sorted(v / 1e6 for v in ns)
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        ax.step(xs, ys, where="post", label=f"{method} (n={len(xs)})", color=COLORS.get(method))
+    ax.set_xscale("log")
+    ax.set_xlabel("latency of one exec of `true`, ms (log)")
+    ax.set_ylabel("fraction of execs")
+    ax.set_title(f"latency CDF, one at a time, {containers} containers")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+
+
+def _throughput(ax, rows: list[dict]) -> None:
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = [(r["inflight"], r["execs_per_s"]) for r in rows
+               if r["method"] == method and not r.get("skipped")]
+        ax.plot(*zip(*pts), marker="o", label=method, color=COLORS.get(method))
+        for x, y in pts:
+            ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
+                        fontsize=8)
+    ax.set_xscale("log", base=2)
+    ks = sorted({r["inflight"] for r in rows})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("execs in flight (log)")
+    ax.set_ylabel("execs of `true` per second (log)")
+    ax.set_title("throughput")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center right")
+
+
+def _scale(ax, points: list[dict]) -> None:
+    ns = [p["containers"] for p in points]
+    ax.plot(ns, [p["latency"]["p50_ms"] for p in points], marker="o", color="tab:blue", label="p50 latency")
+    ax.plot(ns, [p["latency"]["p99_ms"] for p in points], marker=".", ls="--", color="tab:blue",
+            label="p99 latency")
+    ax.set_xscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
+    ax.set_xlabel("warm containers (log)")
+    ax.set_ylabel("exec latency, ms", color="tab:blue")
+    ax.set_ylim(bottom=0)
+    mem = ax.twinx()
+    mem.plot(ns, [p["memory"]["per_container_pss_mib_p50"] for p in points], marker="s", color="tab:purple",
+             label="PSS per container")
+    mem.plot(ns, [(p["memory"]["supervisor"] or {}).get("rss_mib") for p in points], marker="^",
+             color="tab:gray", label="supervisor RSS")
+    mem.set_ylabel("MiB")
+    mem.set_ylim(bottom=0)
+    ax.set_title("at scale: latency round-robin over all, memory")
+    lines = ax.get_legend_handles_labels()[0] + mem.get_legend_handles_labels()[0]
+    ax.legend(lines, [h.get_label() for h in lines], loc="best", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)

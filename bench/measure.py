@@ -1,0 +1,194 @@
+"""Latency and throughput of `true`: warmexec, runc exec, nsenter and the floor.
+
+Each method runs ``true`` in the same containers, round-robin:
+
+* warmexec  - ``Client.exec`` round trip (ZeroMQ, supervisor, warm worker);
+* runc exec - ``runc --root ROOT exec CID true``, a subprocess per exec;
+* nsenter   - ``nsenter -t INITPID -a true`` (namespaces only: it does not join
+  the container's cgroups, so it does less than the others);
+* floor     - posix_spawn + waitpid of /bin/true from a process already inside the
+  container (see :mod:`bench.floor`): what no exec mechanism can beat.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from bench.common import BenchError, Counts, Failures, percentile
+from bench.runcbox import RuncBox
+from warmexec.protocol.client import Client
+from warmexec.protocol.errors import UNREACHABLE, WarmexecError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("warmexec", "runc exec", "nsenter", "floor")
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+WARMEXEC_INFLIGHT = (1, 8, 32, 128)
+RUNC_INFLIGHT = (1, 8)
+RUNC_INFLIGHT_FULL = (1, 8, 32)
+RUNC_POINT_BUDGET = 60.0  # seconds: a runc exec point predicted to take longer is skipped
+REPLY_TIMEOUT = 30.0  # seconds: an exec not answered by then is a failure, not a hung bench
+
+
+# ---- one exec --------------------------------------------------------------------
+
+def warmexec_once(client: Client, cid: str, failures: Failures) -> None:
+    """One exec through warmexec (what Client.exec does, with a deadline on the reply);
+    a dead supervisor ends the bench, not one sample."""
+    try:
+        reply = client.result(client.submit("exec", container=cid, argv=["true"]), REPLY_TIMEOUT)
+    except WarmexecError as exc:
+        if exc.code == UNREACHABLE:
+            raise BenchError(f"warmexec: {exc}") from None
+        failures.add("warmexec", f"{cid}: {exc}")
+        return
+    if reply["exit_code"] != 0:
+        failures.add("warmexec", f"{cid}: exit code {reply['exit_code']}")
+
+
+def subprocess_once(method: str, cmd: list[str], failures: Failures) -> None:
+    """One exec as a child process, stdio on /dev/null so no pipe is read."""
+    rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL).returncode
+    if rc != 0:
+        failures.add(method, f"{' '.join(cmd)}: exit code {rc}")
+
+
+def runc_cmd(box: RuncBox, cid: str) -> list[str]:
+    return ["runc", "--root", box.root, "exec", cid, "true"]
+
+
+# ---- latency ---------------------------------------------------------------------
+
+def timed_loop(cids: list[str], n: int, warmup: int, once: Callable[[str], None]) -> list[int]:
+    """warmup untimed, then n timed calls of once(cid), cids round-robin; ns each."""
+    for i in range(warmup):
+        once(cids[i % len(cids)])
+    samples = []
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        once(cids[i % len(cids)])
+        samples.append(time.perf_counter_ns() - t0)
+    return samples
+
+
+def floor_latency(box: RuncBox, cids: list[str], n: int, warmup: int, failures: Failures) -> list[int]:
+    """bench.floor in each container in turn, n split between them.
+
+    A subprocess, since joining a mount namespace needs a single-threaded process.
+    Its own checks (namespaces and cgroups of the spawned children vs the init's)
+    must all hold, or the samples would not be of the container at all.
+    """
+    samples: list[int] = []
+    per = [n // len(cids) + (i < n % len(cids)) for i in range(len(cids))]
+    for cid, count in zip(cids, per):
+        cmd = [sys.executable, "-m", "bench.floor", "--root", box.root, "--container", cid,
+               "-n", str(count), "--warmup", str(warmup)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise BenchError(f"bench.floor in {cid} failed ({proc.returncode}): {proc.stderr.strip()}")
+        result = json.loads(proc.stdout)
+        for _ in range(result["failures"]):
+            failures.add("floor", f"{cid}: /bin/true exited non-zero")
+        wrong = [k for k, ok in result["checks"].items() if not ok]
+        if wrong:
+            raise BenchError(f"bench.floor in {cid} is not inside the container: {wrong} differ")
+        samples += result["samples_ns"]
+    return samples
+
+
+def measure_latency(box: RuncBox, client: Client, cids: list[str], c: Counts,
+                    failures: Failures) -> dict[str, list[int]]:
+    """All four methods, one after the other, on the same containers. Floor first:
+    it needs no supervisor, and it is the reference the others are read against."""
+    pids = {cid: box.init_pid(cid) for cid in cids}
+    nsenter = lambda cid: ["nsenter", "-t", str(pids[cid]), "-a", "true"]
+    out = {"floor": floor_latency(box, cids, c.fast, c.warmup, failures)}
+    out["warmexec"] = timed_loop(cids, c.fast, c.warmup, lambda cid: warmexec_once(client, cid, failures))
+    out["runc exec"] = timed_loop(cids, c.slow, c.warmup,
+                                  lambda cid: subprocess_once("runc exec", runc_cmd(box, cid), failures))
+    out["nsenter"] = timed_loop(cids, c.slow, c.warmup,
+                                lambda cid: subprocess_once("nsenter", nsenter(cid), failures))
+    return {m: out[m] for m in METHODS}
+
+
+def summarize(samples: dict[str, list[int]]) -> dict[str, dict]:
+    """Percentiles per method and each p50 as a multiple of runc exec's and the floor's."""
+    out = {}
+    for method, ns in samples.items():
+        s = sorted(ns)
+        out[method] = {"n": len(s), **{f"p{q:g}_ms": round(percentile(s, q), 3) for q in PERCENTILES},
+                       "mean_ms": round(sum(s) / len(s) / 1e6, 3) if s else None}
+    for ref, key in (("runc exec", "p50_vs_runc"), ("floor", "p50_vs_floor")):
+        base = out.get(ref, {}).get("p50_ms")
+        for row in out.values():
+            row[key] = round(row["p50_ms"] / base, 4) if base else None
+    return out
+
+
+# ---- throughput ------------------------------------------------------------------
+
+def warmexec_pipelined(client: Client, cids: list[str], k: int, total: int, failures: Failures) -> float:
+    """Seconds for total execs with up to k in flight on one client, round-robin.
+
+    Replies are collected oldest first; one that arrives early waits in the client's
+    buffer, so for a moment fewer than k may be in flight (execs of `true` finish
+    nearly in order, so the effect is small).
+    """
+    pending: collections.deque[tuple[int, str]] = collections.deque()
+    sent = 0
+    t0 = time.perf_counter()
+    while sent < total or pending:
+        while sent < total and len(pending) < k:
+            cid = cids[sent % len(cids)]
+            pending.append((client.submit("exec", container=cid, argv=["true"]), cid))
+            sent += 1
+        req_id, cid = pending.popleft()
+        try:
+            reply = client.result(req_id, REPLY_TIMEOUT)
+        except WarmexecError as exc:
+            if exc.code == UNREACHABLE:
+                raise BenchError(f"warmexec: {exc}") from None
+            failures.add("warmexec", f"{cid}: {exc}")
+            continue
+        if reply["exit_code"] != 0:
+            failures.add("warmexec", f"{cid}: exit code {reply['exit_code']}")
+    return time.perf_counter() - t0
+
+
+def runc_parallel(box: RuncBox, cids: list[str], k: int, total: int, failures: Failures) -> float:
+    """Seconds for total `runc exec`s run by k threads, each waiting on its child."""
+    cmds = [runc_cmd(box, cids[i % len(cids)]) for i in range(total)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=k) as pool:
+        list(pool.map(lambda cmd: subprocess_once("runc exec", cmd, failures), cmds))
+    return time.perf_counter() - t0
+
+
+def _row(method: str, k: int, execs: int, secs: float) -> dict:
+    return {"method": method, "inflight": k, "execs": execs, "seconds": round(secs, 4),
+            "execs_per_s": round(execs / secs, 1)}
+
+
+def measure_throughput(box: RuncBox, client: Client, cids: list[str], c: Counts, quick: bool,
+                       failures: Failures) -> list[dict]:
+    """Execs/s as concurrency grows: where warmexec's single-threaded supervisor and
+    runc's per-exec process start-up each stop scaling on this machine. A runc exec
+    point that the previous point's rate predicts to run over RUNC_POINT_BUDGET is
+    left out (listed with "skipped")."""
+    rows = [_row("warmexec", k, c.tput, warmexec_pipelined(client, cids, k, c.tput, failures))
+            for k in WARMEXEC_INFLIGHT]
+    rate = None
+    for k in RUNC_INFLIGHT if quick else RUNC_INFLIGHT_FULL:
+        if rate and c.tput_runc / rate > RUNC_POINT_BUDGET:
+            rows.append({"method": "runc exec", "inflight": k, "execs": 0, "skipped": True})
+            continue
+        rows.append(_row("runc exec", k, c.tput_runc, runc_parallel(box, cids, k, c.tput_runc, failures)))
+        rate = rows[-1]["execs_per_s"]
+    return rows

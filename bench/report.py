@@ -1,0 +1,104 @@
+"""The human-readable report; the JSON file has the same numbers and the raw samples."""
+
+from __future__ import annotations
+
+import sys
+
+from bench.common import Failures
+
+WARMUP_ROWS = (("state_to_ready", "state.json written -> worker READY"),
+               ("run_to_ready", "runc run -d started -> worker READY"),
+               ("runc_run", "runc run -d started -> returned"),
+               ("wait_after_run", "runc run -d returned -> READY (0: before)"),
+               ("first_exec", "first exec of `true` (READY, runc returned)"),
+               ("run_returned_to_exec_done", "runc run -d returned -> first exec done"))
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}x"
+
+
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def print_latency(summary: dict[str, dict], containers: int) -> None:
+    print(f"\nexec latency of `true`, ms ({containers} containers round-robin, one exec at a time)")
+    head = "{:<10} {:>6} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10}"
+    print(head.format("method", "n", "p50", "p90", "p99", "p99.9", "p50/runc", "p50/floor"))
+    for method, r in summary.items():
+        print(f"{method:<10} {r['n']:>6} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} "
+              f"{r['p99.9_ms']:>8.3f} {_ratio(r['p50_vs_runc']):>9} {_ratio(r['p50_vs_floor']):>10}")
+    print("(nsenter joins namespaces only, not cgroups; floor = posix_spawn+waitpid from inside)")
+
+
+def print_throughput(rows: list[dict]) -> None:
+    print("\nthroughput of `true` (warmexec: one client, pipelined; runc exec: parallel subprocesses)")
+    print("{:<10} {:>9} {:>7} {:>9} {:>10}".format("method", "in flight", "execs", "seconds", "execs/s"))
+    for r in rows:
+        if r.get("skipped"):
+            print(f"{r['method']:<10} {r['inflight']:>9}  skipped: predicted over the time budget")
+            continue
+        print(f"{r['method']:<10} {r['inflight']:>9} {r['execs']:>7} {r['seconds']:>9.3f} "
+              f"{r['execs_per_s']:>10.1f}")
+
+
+def print_cpu(cpu: dict) -> None:
+    we, runc = cpu["warmexec"], cpu["runc exec"]
+    print("\nCPU seconds per 1000 sequential execs of `true`")
+    print("{:<10} {:>6} {:>12} {:>8} {:>8}".format("method", "execs", "exec side", "client", "total"))
+    for name, r in (("warmexec", we), ("runc exec", runc)):
+        total = r["cpu_per_1000_s"] + r["client_per_1000_s"]
+        print(f"{name:<10} {r['execs']:>6} {r['cpu_per_1000_s']:>12.3f} {r['client_per_1000_s']:>8.3f} "
+              f"{total:>8.3f}")
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in we["by_part_per_1000_s"].items())
+    print(f"warmexec exec side: {parts}")
+    print(f"runc exec / warmexec: {_ratio(cpu['runc_vs_warmexec'])} exec side, "
+          f"{_ratio(cpu['runc_vs_warmexec_with_client'])} with the client")
+    if we["vanished"]:
+        print(f"(warning: {we['vanished']} warmexec processes exited during the batch; their CPU is missing)")
+
+
+def print_scale(scale: dict) -> None:
+    print("\nwarm containers: warmexec memory (MiB), idle CPU, exec latency round-robin over all")
+    head = "{:>5} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>7} {:>10}"
+    print(head.format("ctrs", "sup RSS", "sup USS", "sup PSS", "zyg PSS", "ctr USS", "ctr PSS",
+                      "total PSS", "fds", "idle%", "p50 ms", "p99 ms", "p50/p50(1)"))
+    for p in scale["points"]:
+        m, sup, zyg = p["memory"], p["memory"]["supervisor"] or {}, p["memory"]["zygote"] or {}
+        print(f"{p['containers']:>5} {_num(sup.get('rss_mib')):>7} {_num(sup.get('uss_mib')):>7} "
+              f"{_num(sup.get('pss_mib')):>7} {_num(zyg.get('pss_mib')):>7} "
+              f"{_num(m['per_container_uss_mib_p50']):>8} {_num(m['per_container_pss_mib_p50']):>8} "
+              f"{_num(m['total_pss_mib'], '.1f'):>9} {m['supervisor_fds']:>6} {p['idle']['cpu_pct']:>6.2f} "
+              f"{p['latency']['p50_ms']:>7.3f} {p['latency']['p99_ms']:>7.3f} "
+              f"{_ratio(p['latency']['p50_vs_first']):>10}")
+    print("(ctr = median per container: its worker(s); total PSS = supervisor + zygote + all workers)")
+    print("{:>5} {:>9} {:>12} {:>14}".format("ctrs", "start s", "all READY s", "first execs s"))
+    for p in scale["points"]:
+        print(f"{p['containers']:>5} {p['start_s']:>9.2f} {p['all_ready_s']:>12.2f} "
+              f"{p['first_execs_s']:>14.2f}")
+    for note in scale["notes"]:
+        print(f"note: {note}")
+
+
+def print_warmup(warm: dict) -> None:
+    if not warm.get("n"):
+        return
+    print(f"\nwarm-up of a new container, ms ({warm['n']} containers started one at a time, "
+          "READY polled every 2 ms)")
+    print("{:<46} {:>8} {:>8}".format("", "p50", "p95"))
+    for key, label in WARMUP_ROWS:
+        print(f"{label:<46} {warm[key]['p50_ms']:>8.2f} {warm[key]['p95_ms']:>8.2f}")
+
+
+def print_report(doc: dict, failures: Failures) -> None:
+    print_latency(doc["latency"], doc["containers"])
+    print_throughput(doc["throughput"])
+    print_cpu(doc["cpu"])
+    if doc.get("scale"):
+        print_scale(doc["scale"])
+    print_warmup(doc.get("warmup", {}))
+    if failures.total():
+        print(f"\nFAILED execs: {dict(failures.count)}", file=sys.stderr)
+        for line in failures.examples:
+            print(f"  {line}", file=sys.stderr)
