@@ -56,7 +56,7 @@ class Hooks:
         self.metrics = metrics
         self.commands = {kind: list(cfg.get(kind, [])) for kind in ("start", "exit")}
         self.python = list(python_hooks)
-        self.running: dict[int, tuple[subprocess.Popen, str]] = {}  # pidfd -> (proc, kind)
+        self.running: dict[int, tuple[subprocess.Popen, str, float]] = {}  # pidfd -> (proc, kind, t0)
         self.queue: queue.Queue = queue.Queue(maxsize=1000)
         self.emit: Any = None  # the supervisor's event emitter, set once it exists
         if self.python:
@@ -97,16 +97,18 @@ class Hooks:
             pass  # the hook does not read its stdin; its exit status still counts
         self._count(kind)
         pidfd = os.pidfd_open(proc.pid)
-        self.running[pidfd] = (proc, kind)
+        self.running[pidfd] = (proc, kind, time.monotonic())
         self.loop.add(pidfd, lambda _m: self._reaped(pidfd))
         timeout = float(hook.get("timeout", 5))
         self.loop.call_at(time.monotonic() + timeout, lambda: self._overdue(pidfd, proc, timeout))
 
     def _reaped(self, pidfd: int) -> None:
-        proc, kind = self.running.pop(pidfd)
+        proc, kind, started = self.running.pop(pidfd)
         self.loop.remove(pidfd)
         os.close(pidfd)
         code = proc.wait()
+        if self.metrics is not None:
+            self.metrics.hook_duration(kind, time.monotonic() - started)
         if code != 0:
             log.warning("%s hook %s exited %s", kind, proc.args[0], code)
             self._count(kind, "timeout" if getattr(proc, "timed_out", False) else "exit_status",
@@ -144,7 +146,7 @@ class Hooks:
                         self.metrics.hook(kind, "exception")
 
     def close(self) -> None:
-        for pidfd, (proc, _) in list(self.running.items()):
+        for pidfd, (proc, _, _) in list(self.running.items()):
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:

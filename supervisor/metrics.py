@@ -9,6 +9,7 @@ hosts with thousands of containers; its series are removed when a container goes
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -54,6 +55,14 @@ class Metrics:
         self.timeouts = Counter("warmexec_exec_timeouts", "Execs killed at their timeout", c, registry=r)
         self.oom = Counter("warmexec_exec_oom_kills", "Execs killed by the container's OOM killer",
                            c, registry=r)
+        self.signals = Counter("warmexec_exec_signals", "Execs killed by a signal, by signal name",
+                               ("signal",), registry=r)
+        self.request_bytes = Histogram("warmexec_request_size_bytes", "Size of request frames",
+                                       registry=r, buckets=(64, 256, 1024, 4096, 16384, 65536,
+                                                            262144, 1 << 20, 4 << 20))
+        self.hook_seconds = Histogram("warmexec_hook_duration_seconds",
+                                      "Command hooks, start to exit", ("kind",), registry=r,
+                                      buckets=DURATION_BUCKETS)
         self.restarts = Counter("warmexec_worker_restarts", "Workers that died and were restarted",
                                 registry=r)
         self.warmup_seconds = Histogram("warmexec_worker_warmup_seconds",
@@ -97,6 +106,8 @@ class Metrics:
             return
         self.duration.labels(*self._c(container)).observe(reply["timings"]["total"] / 1e6)
         self.exits.labels(*self._c(container), str(reply["exit_code"])).inc()
+        if reply.get("signal"):
+            self.signals.labels(_signame(reply["signal"])).inc()
         if reply.get("timed_out"):
             self.timeouts.labels(*self._c(container)).inc()
         if reply.get("oom_killed"):
@@ -107,6 +118,12 @@ class Metrics:
 
     def worker_restart(self) -> None:
         self.restarts.inc()
+
+    def request(self, size: int) -> None:
+        self.request_bytes.observe(size)
+
+    def hook_duration(self, kind: str, seconds: float) -> None:
+        self.hook_seconds.labels(kind).observe(seconds)
 
     def event_dropped(self) -> None:
         self.events_dropped.inc()
@@ -133,6 +150,13 @@ class Metrics:
         for metric in (self.duration, self.spawn, self.timeouts, self.oom, self.exits):
             for labels in [k for k in list(metric._metrics) if k[0] == container]:
                 metric.remove(*labels)
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"SIG{sig}"
 
 
 class _LiveCollector:

@@ -114,6 +114,7 @@ class Supervisor:
             raise SystemExit("warmexec: a tcp:// endpoint needs [auth] (CurveZMQ) in the config, "
                              "or --insecure-tcp")
         self.loop = Loop()
+        self.metrics = metrics
         self.hooks = Hooks(self.loop, hooks or {}, metrics, python_hooks)
         self.zygote = Zygote()  # before any ZeroMQ context exists
         self.ctx = zmq.Context()
@@ -242,6 +243,8 @@ class Supervisor:
 
     def handle(self, envelope: list[bytes], payload: bytes, rules: Rules) -> None:
         req_id = None
+        if self.metrics is not None:
+            self.metrics.request(len(payload))
         try:
             req = codec.unpack_map(payload)
             req_id = req.get("id")
