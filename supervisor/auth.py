@@ -47,8 +47,11 @@ class Rules:
     privileged: bool = True
     admin: bool = True
 
+    def may_see(self, container: str) -> bool:
+        return any(fnmatch.fnmatchcase(container, p) for p in self.containers)
+
     def check_exec(self, req: ExecRequest) -> None:
-        if not any(fnmatch.fnmatchcase(req.container, p) for p in self.containers):
+        if not self.may_see(req.container):
             raise WarmexecError(FORBIDDEN, f"not allowed to exec into {req.container}")
         if req.privileged and not self.privileged:
             raise WarmexecError(FORBIDDEN, "not allowed to exec privileged")

@@ -21,10 +21,11 @@ from typing import Any
 from ..protocol import errors, ipc, messages
 from ..protocol.errors import WarmexecError
 from . import status
-from .containers import Runtime, Spawner, State, oom_kills
+from .containers import DEFAULT, Runtime, Spawner, State, oom_kills
 from .execs import Exec
 
 KILL_GRACE = 2.0  # after a timeout kill, how long the worker has to report the exit
+MAX_PROFILES = 8  # warm workers per container beside its own
 
 
 class ExecFlow:
@@ -91,11 +92,25 @@ class ExecFlow:
             raise WarmexecError(errors.CONTAINER_PAUSED, f"container {rt.name} is paused")
         if self.active >= self.max_inflight or rt.inflight() >= self.max_per_container:
             raise WarmexecError(errors.BUSY, "too many execs in flight; retry later")
+        self.make_room(rt, (req.user or "", req.privileged))
         ex = Exec(envelope, req_id, req)
         self.active += 1
         if ex.deadline is not None:
             self.loop.call_at(ex.deadline, lambda: self.on_timeout(rt, ex))
         self.route(rt, ex)
+
+    def make_room(self, rt: Runtime, key: tuple[str, bool]) -> None:
+        """At most MAX_PROFILES warm workers of other profiles per container (each is a
+        process in the container's cgroups): let the least recently used idle one go,
+        or answer BUSY."""
+        others = [sp for k, sp in rt.spawners.items() if k != DEFAULT]
+        if key == DEFAULT or key in rt.spawners or len(others) < MAX_PROFILES:
+            return
+        idle = [sp for sp in others if sp.ready and not sp.inflight and not sp.waiting]
+        if not idle:
+            raise WarmexecError(errors.BUSY, f"{MAX_PROFILES} other users are busy in "
+                                             f"{rt.name}; retry later")
+        self.drop_spawner(rt, min(idle, key=lambda sp: sp.last_used), errors.INTERNAL, "evicted")
 
     def route(self, rt: Runtime, ex: Exec) -> None:
         if rt.state != State.READY:

@@ -33,6 +33,12 @@ from .hooks import Hooks
 
 log = logging.getLogger("warmexec")
 
+BATCH = 64  # requests served per turn of the loop
+MAX_FRAMES = 8  # identities (proxies add one each), the REQ delimiter, payload
+MAX_ENVELOPE = 4096  # bytes of all of them but the payload
+REPLY_DROPPED = "REPLY_DROPPED"  # a metrics label, never a reply
+SNDHWM = 1000
+
 
 class Loop:
     """epoll + a timer heap. Handlers are called with the epoll event mask."""
@@ -88,7 +94,8 @@ class Zygote:
         ours, theirs = ipc.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "warmexec.worker.zygote", str(os.getpid()), str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+            env=zygote_env())
         theirs.close()
         self.sock = ours
 
@@ -103,6 +110,12 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def zygote_env() -> dict[str, str]:
+    """Workers need none of the supervisor's environment (its secrets least of all)."""
+    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL")
+    return {k: os.environ[k] for k in keep if k in os.environ}
 
 
 class Supervisor:
@@ -120,8 +133,13 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE)
-        self.router.setsockopt(zmq.SNDHWM, 100000)
-        self.router.setsockopt(zmq.RCVHWM, 100000)
+        # Per client: replies it has not read, requests we have not read. Past SNDHWM a
+        # reply to a client that stopped reading is dropped and counted (REPLY_DROPPED).
+        # A client may keep up to max_inflight execs in flight, so the mark is that high:
+        # a non-reading client can hold SNDHWM replies of up to 2 x 1 MiB each.
+        self.router.setsockopt(zmq.SNDHWM, SNDHWM)
+        self.router.setsockopt(zmq.RCVHWM, 1000)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises: count it
         self.router.setsockopt(zmq.LINGER, 0)
         self.auth = auth
         if auth is not None:
@@ -143,6 +161,7 @@ class Supervisor:
         self.loop.add(self.zygote.sock.fileno(), self._on_zygote)
         self.loop.add(self.watcher.fd, self._on_inotify)
         self.stopping = False
+        self.backlog = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.loop.add(self._wake_r, self._on_signal)
 
@@ -154,7 +173,7 @@ class Supervisor:
         try:
             self._periodic_rescan()
             while not self.stopping or self.dispatch.total_inflight():
-                self.loop.run_once()
+                self.loop.run_once(0 if self.backlog else 1.0)
                 self._on_router(0)
                 if self.stopping and time.monotonic() > self._grace_end:
                     break
@@ -229,17 +248,27 @@ class Supervisor:
 
     # ---- the wire --------------------------------------------------------------
     def _on_router(self, _mask: int) -> None:
-        while self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            try:
-                if self.auth is None:
-                    frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
-                    self.handle(frames[:-1], frames[-1], EVERYTHING)
-                    continue
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+        """Serve up to BATCH requests, then let the loop serve workers too: a flood from
+        one client must not starve everyone else's replies. ``self.backlog`` tells the
+        loop not to sleep while requests are left (ZMQ_FD is edge-triggered)."""
+        for _ in range(BATCH):
+            if not self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self.backlog = False
                 return
-            rules = self.auth.rules_for(frames[-1].get("User-Id"))  # the CURVE key, via ZAP
-            self.handle([f.bytes for f in frames[:-1]], frames[-1].bytes, rules)
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=self.auth is None)
+            except zmq.Again:
+                self.backlog = False
+                return
+            if len(frames) > MAX_FRAMES or sum(len(f) for f in frames[:-1]) > MAX_ENVELOPE:
+                self.dispatch.count_error(errors.BAD_REQUEST)  # echoed, it would cost us twice
+                continue
+            if self.auth is None:
+                self.handle(frames[:-1], frames[-1], EVERYTHING)
+            else:
+                rules = self.auth.rules_for(frames[-1].get("User-Id"))  # the CURVE key, via ZAP
+                self.handle([f.bytes for f in frames[:-1]], frames[-1].bytes, rules)
+        self.backlog = True
 
     def handle(self, envelope: list[bytes], payload: bytes, rules: Rules) -> None:
         req_id = None
@@ -260,7 +289,8 @@ class Supervisor:
             elif op == "ping":
                 self.reply(envelope, messages.ok_reply(req_id, pid=os.getpid()))
             elif op == "list":
-                self.reply(envelope, messages.ok_reply(req_id, containers=self.dispatch.describe()))
+                rows = [r for r in self.dispatch.describe() if rules.may_see(r["id"])]
+                self.reply(envelope, messages.ok_reply(req_id, containers=rows))
             elif op == "attach":
                 name, pid = messages.parse_attach(req)
                 self.dispatch.attach(name, pid)
@@ -283,6 +313,6 @@ class Supervisor:
         try:
             self.router.send_multipart([*envelope, codec.pack(msg)], zmq.NOBLOCK)
         except zmq.Again:
-            self.dispatch.count_error("REPLY_DROPPED")
+            self.dispatch.count_error(REPLY_DROPPED)
         except zmq.ZMQError as exc:  # client gone, unroutable
             log.debug("reply dropped: %s", exc)
