@@ -1,4 +1,4 @@
-"""Per-container runtime state: the worker's lifecycle and the spawners it made.
+"""Per-container runtime state: its worker's lifecycle, and its workers of other profiles.
 
 The worker's life is an explicit state machine. Every change goes through
 ``_transition`` which checks the edge against ``TRANSITIONS``, stamps the time and
@@ -46,7 +46,7 @@ BACKOFF_MAX = 5.0
 DEFAULT = ("", False)
 
 
-class Spawner:
+class Worker:
     """The supervisor's handle on one worker process: one credential profile (user,
     privileged) in one container. The DEFAULT profile's worker is the container's
     worker of the state machine below; other profiles' come and go on demand."""
@@ -55,7 +55,7 @@ class Spawner:
         self.key = key
         self.sock: socket.socket | None = None
         self.pid: int | None = None
-        self.waiting: list[Exec] = []  # until the spawner is ready
+        self.waiting: list[Exec] = []  # until the worker is ready
         self.inflight: dict[int, Exec] = {}
         self.last_used = time.monotonic()
         self.ready = False
@@ -80,7 +80,7 @@ class Runtime:
         self.last_error = ""
         self.hopeless = False  # the worker lacked privileges: FATAL at once
         self.retry_at = 0.0
-        self.spawners: dict[tuple[str, bool], Spawner] = {}
+        self.workers: dict[tuple[str, bool], Worker] = {}
         self.waiting: list[Exec] = []  # until the worker is ready
         self.oom_seen = oom_kills(info)
         self.freezer_fds = _freezer_fds(info)
@@ -102,7 +102,7 @@ class Runtime:
         self.emit("worker.state", container=self.name, old=old.name, new=new.name, reason=reason)
 
     def worker_pid(self) -> int | None:
-        sp = self.spawners.get(DEFAULT)
+        sp = self.workers.get(DEFAULT)
         return sp.pid if sp is not None else None
 
     def paused(self) -> bool:
@@ -115,12 +115,12 @@ class Runtime:
         return False
 
     def inflight(self) -> int:
-        return len(self.waiting) + sum(len(s.waiting) + len(s.inflight) for s in self.spawners.values())
+        return len(self.waiting) + sum(len(s.waiting) + len(s.inflight) for s in self.workers.values())
 
     def close(self) -> None:
-        for sp in self.spawners.values():
+        for sp in self.workers.values():
             sp.close()
-        self.spawners.clear()
+        self.workers.clear()
         if self.init_pidfd >= 0:
             os.close(self.init_pidfd)
             self.init_pidfd = -1
@@ -131,7 +131,7 @@ class Runtime:
     def describe(self) -> dict[str, Any]:
         return {"id": self.name, "pid": self.info.init_pid, "source": self.info.source,
                 "state": self.state.name, "worker_pid": self.worker_pid(),
-                "spawners": len(self.spawners), "inflight": self.inflight(),
+                "workers": len(self.workers), "inflight": self.inflight(),
                 "restarts": self.restarts, "last_error": self.last_error or None}
 
 

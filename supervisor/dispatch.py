@@ -19,12 +19,12 @@ from typing import Any
 from ..protocol import errors, ipc
 from ..protocol.errors import WarmexecError
 from . import discovery
-from .containers import DEFAULT, MAX_FAILURES, Runtime, Spawner, State
+from .containers import DEFAULT, MAX_FAILURES, Runtime, State, Worker
 from .flow import ExecFlow, dying
 
 log = logging.getLogger("warmexec")
 
-SPAWNER_IDLE = 60.0  # workers of other profiles than the container's own, unused this long, go
+WORKER_IDLE = 60.0  # workers of other profiles than the container's own, unused this long, go
 
 
 class ZygoteLost(Exception):
@@ -44,11 +44,11 @@ class Dispatcher(ExecFlow):
         self.max_inflight = max_inflight
         self.max_per_container = max_per_container
         self.containers: dict[str, Runtime] = {}
-        self.forks: dict[int, tuple[Runtime, Spawner]] = {}
+        self.forks: dict[int, tuple[Runtime, Worker]] = {}
         self.tags = itertools.count(1)
         self.active = 0  # execs received and not yet answered
         self.skipped: dict[str, float] = {}  # state file -> mtime seen unusable
-        self.loop.call_at(time.monotonic() + SPAWNER_IDLE, self.sweep_spawners)
+        self.loop.call_at(time.monotonic() + WORKER_IDLE, self.sweep_workers)
 
     # ---- events ------------------------------------------------------------------
     def emit(self, topic: str, **fields: Any) -> None:
@@ -124,8 +124,8 @@ class Dispatcher(ExecFlow):
         code = errors.CONTAINER_EXITED
         for ex in list(rt.waiting):
             self.fail(ex, code, f"container {rt.name} exited ({reason})")
-        for sp in list(rt.spawners.values()):
-            self.drop_spawner(rt, sp, code, f"container {rt.name} exited ({reason})")
+        for sp in list(rt.workers.values()):
+            self.drop_worker(rt, sp, code, f"container {rt.name} exited ({reason})")
         self.loop.remove(rt.init_pidfd)
         rt.close()
         self.emit("container.removed", container=rt.name, reason=reason)
@@ -134,11 +134,11 @@ class Dispatcher(ExecFlow):
         return [rt.describe() for rt in self.containers.values()]
 
     # ---- workers: one process per (container, credential profile) -----------------
-    def start_worker(self, rt: Runtime, key: tuple[str, bool] = DEFAULT) -> Spawner:
+    def start_worker(self, rt: Runtime, key: tuple[str, bool] = DEFAULT) -> Worker:
         """Ask the zygote for a worker of rt with the key's (user, privileged) profile."""
         if key == DEFAULT and rt.state == State.BACKOFF:
             rt.transition(State.STARTING)
-        sp = rt.spawners[key] = Spawner(key)
+        sp = rt.workers[key] = Worker(key)
         tag = next(self.tags)
         self.forks[tag] = (rt, sp)
         self.zygote.fork(tag, rt.info.spec(), key[0] or None, key[1])
@@ -149,7 +149,7 @@ class Dispatcher(ExecFlow):
         if msg is None:
             raise ZygoteLost()
         rt, sp = self.forks.pop(msg.get("tag"), (None, None))
-        if rt is None or rt.spawners.get(sp.key) is not sp:
+        if rt is None or rt.workers.get(sp.key) is not sp:
             for fd in fds:
                 os.close(fd)  # dropped meanwhile: the worker sees EOF and exits
             return
@@ -166,10 +166,10 @@ class Dispatcher(ExecFlow):
         self.zygote = zygote
         pending, self.forks = self.forks, {}
         for rt, sp in pending.values():
-            if rt.spawners.get(sp.key) is sp:
+            if rt.workers.get(sp.key) is sp:
                 self.lost(rt, sp, "zygote died")
 
-    def on_worker(self, rt: Runtime, sp: Spawner) -> None:
+    def on_worker(self, rt: Runtime, sp: Worker) -> None:
         msg, fds = ipc.recv(sp.sock)
         for fd in fds:  # workers send no descriptors
             os.close(fd)
@@ -188,7 +188,7 @@ class Dispatcher(ExecFlow):
         else:
             self.on_exec_message(rt, sp, op, msg)
 
-    def on_ready(self, rt: Runtime, sp: Spawner) -> None:
+    def on_ready(self, rt: Runtime, sp: Worker) -> None:
         sp.ready = True
         if sp.key == DEFAULT:
             rt.transition(State.READY)
@@ -201,11 +201,11 @@ class Dispatcher(ExecFlow):
         for ex in waiting:
             self.send_spawn(rt, sp, ex)
 
-    def lost(self, rt: Runtime, sp: Spawner, reason: str) -> None:
+    def lost(self, rt: Runtime, sp: Worker, reason: str) -> None:
         """A worker is gone (socket closed, or its fork failed)."""
         dead = dying(rt)
         code = (errors.CONTAINER_EXITED if dead else sp.error_code or errors.WORKER_LOST)
-        self.drop_spawner(rt, sp, code, f"{rt.name}: {'container exited' if dead else reason}")
+        self.drop_worker(rt, sp, code, f"{rt.name}: {'container exited' if dead else reason}")
         if dead:
             return self.remove(rt, "container exited")
         if sp.key != DEFAULT:
@@ -223,9 +223,9 @@ class Dispatcher(ExecFlow):
             return
         self.loop.call_at(rt.retry_at, lambda: rt.state == State.BACKOFF and self.start_worker(rt))
 
-    def drop_spawner(self, rt: Runtime, sp: Spawner, code: str, message: str) -> None:
-        if rt.spawners.get(sp.key) is sp:
-            del rt.spawners[sp.key]
+    def drop_worker(self, rt: Runtime, sp: Worker, code: str, message: str) -> None:
+        if rt.workers.get(sp.key) is sp:
+            del rt.workers[sp.key]
         if sp.sock is not None:
             self.loop.remove(sp.sock.fileno())
             sp.close()
@@ -233,14 +233,14 @@ class Dispatcher(ExecFlow):
             self.fail(ex, code, message)
         sp.waiting, sp.inflight = [], {}
 
-    def sweep_spawners(self) -> None:
+    def sweep_workers(self) -> None:
         now = time.monotonic()
         for rt in self.containers.values():
-            for sp in list(rt.spawners.values()):
-                idle = not sp.inflight and not sp.waiting and now - sp.last_used > SPAWNER_IDLE
+            for sp in list(rt.workers.values()):
+                idle = not sp.inflight and not sp.waiting and now - sp.last_used > WORKER_IDLE
                 if idle and sp.key != DEFAULT and sp.ready:
-                    self.drop_spawner(rt, sp, errors.INTERNAL, "idle")
-        self.loop.call_at(now + SPAWNER_IDLE, self.sweep_spawners)
+                    self.drop_worker(rt, sp, errors.INTERNAL, "idle")
+        self.loop.call_at(now + WORKER_IDLE, self.sweep_workers)
 
     def close(self) -> None:
         for rt in list(self.containers.values()):

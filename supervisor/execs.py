@@ -1,6 +1,6 @@
 """One exec in flight: its request, stdin, collected output, timings and reply.
 
-The spawner owns the command's output pipes and sends what it kept (up to
+The worker owns the command's output pipes and sends what it kept (up to
 ``capture`` bytes of each stream) with the exit status, in chunks when it is large;
 so the supervisor handles two small messages per exec and passes a descriptor only
 for stdin, when there is input.
@@ -33,7 +33,7 @@ class Exec:
         self.output = (bytearray(), bytearray())  # chunks sent ahead of the exit
         self.stdin_fd = -1
         self.stdin_left = b""
-        self.spawner: Any = None
+        self.worker: Any = None
         self.pid: int | None = None
         self.container_pid: int | None = None
         self.pidfd = -1
@@ -88,7 +88,7 @@ class Exec:
         return {"queued": us(self.dispatched), "spawn": us(self.started), "total": us(end)}
 
     def result(self, msg: dict, oom_killed: bool) -> dict:
-        """Fields of the ok reply, from the spawner's exit message."""
+        """Fields of the ok reply, from the worker's exit message."""
         capture = self.req.capture
         return {
             **status.decode(msg["status"]),

@@ -21,7 +21,7 @@ from typing import Any
 from ..protocol import errors, ipc, messages
 from ..protocol.errors import WarmexecError
 from . import status
-from .containers import DEFAULT, Runtime, Spawner, State, oom_kills
+from .containers import DEFAULT, Runtime, State, Worker, oom_kills
 from .execs import Exec
 
 KILL_GRACE = 2.0  # after a timeout kill, how long the worker has to report the exit
@@ -33,7 +33,7 @@ class ExecFlow:
     ``containers``, ``metrics``, ``hooks``, ``publish``, ``send_reply``, the in-flight
     limits and ``active``; and which provides ``start_worker``."""
 
-    def on_exec_message(self, rt: Runtime, sp: Spawner, op: str, msg: dict) -> None:
+    def on_exec_message(self, rt: Runtime, sp: Worker, op: str, msg: dict) -> None:
         ex = sp.inflight.get(msg.get("id"))
         if ex is None:
             return
@@ -103,40 +103,40 @@ class ExecFlow:
         """At most MAX_PROFILES warm workers of other profiles per container (each is a
         process in the container's cgroups): let the least recently used idle one go,
         or answer BUSY."""
-        others = [sp for k, sp in rt.spawners.items() if k != DEFAULT]
-        if key == DEFAULT or key in rt.spawners or len(others) < MAX_PROFILES:
+        others = [sp for k, sp in rt.workers.items() if k != DEFAULT]
+        if key == DEFAULT or key in rt.workers or len(others) < MAX_PROFILES:
             return
         idle = [sp for sp in others if sp.ready and not sp.inflight and not sp.waiting]
         if not idle:
             raise WarmexecError(errors.BUSY, f"{MAX_PROFILES} other users are busy in "
                                              f"{rt.name}; retry later")
-        self.drop_spawner(rt, min(idle, key=lambda sp: sp.last_used), errors.INTERNAL, "evicted")
+        self.drop_worker(rt, min(idle, key=lambda sp: sp.last_used), errors.INTERNAL, "evicted")
 
     def route(self, rt: Runtime, ex: Exec) -> None:
         if rt.state != State.READY:
             rt.waiting.append(ex)
             return
         key = (ex.req.user or "", ex.req.privileged)
-        sp = rt.spawners.get(key) or self.start_worker(rt, key)
+        sp = rt.workers.get(key) or self.start_worker(rt, key)
         if sp.ready:
             self.send_spawn(rt, sp, ex)
         else:
             sp.waiting.append(ex)
 
-    def send_spawn(self, rt: Runtime, sp: Spawner, ex: Exec) -> None:
+    def send_spawn(self, rt: Runtime, sp: Worker, ex: Exec) -> None:
         stdin = ex.open_stdin()
         req = ex.req
-        ex.dispatched = sp.last_used = time.monotonic()  # before the spawner can start it
+        ex.dispatched = sp.last_used = time.monotonic()  # before the worker can start it
         try:
             ipc.send(sp.sock, {"op": "spawn", "id": ex.exec_id, "argv": req.argv, "env": req.env,
                                "cwd": req.cwd, "capture": req.capture}, stdin)
         except OSError as exc:
             ex.close()
-            return self.fail(ex, errors.WORKER_LOST, f"spawner unreachable: {exc.strerror}")
+            return self.fail(ex, errors.WORKER_LOST, f"worker unreachable: {exc.strerror}")
         finally:
             for fd in stdin:
                 os.close(fd)
-        ex.spawner = sp
+        ex.worker = sp
         sp.inflight[ex.exec_id] = ex
         if ex.stdin_fd >= 0:
             if ex.write_stdin():
@@ -152,9 +152,9 @@ class ExecFlow:
     def on_timeout(self, rt: Runtime, ex: Exec) -> None:
         if ex.done:
             return
-        sp = ex.spawner
+        sp = ex.worker
         if sp is None or ex.exec_id not in sp.inflight:  # still waiting for a worker
-            for queue in (rt.waiting, *(s.waiting for s in rt.spawners.values())):
+            for queue in (rt.waiting, *(s.waiting for s in rt.workers.values())):
                 if ex in queue:
                     queue.remove(ex)
             return self.fail(ex, errors.TIMEOUT, f"no worker was ready within {ex.req.timeout}s")
@@ -165,10 +165,10 @@ class ExecFlow:
             pass
         self.loop.call_at(time.monotonic() + KILL_GRACE, lambda: self._kill_overdue(sp, ex))
 
-    def _kill_overdue(self, sp: Spawner, ex: Exec) -> None:
+    def _kill_overdue(self, sp: Worker, ex: Exec) -> None:
         if not ex.done:
             sp.inflight.pop(ex.exec_id, None)
-            self.fail(ex, errors.WORKER_LOST, "the spawner did not report the killed process")
+            self.fail(ex, errors.WORKER_LOST, "the worker did not report the killed process")
 
     def hook(self, kind: str, rt: Runtime, ex: Exec, result: dict | None = None) -> None:
         """An exec started or exited: for hooks and the event stream (never logged at
@@ -214,8 +214,8 @@ def dying(rt: Runtime) -> bool:
     """True once the container's init has exited or is exiting.
 
     A pid namespace's init is killed first but its pidfd turns readable only after
-    every other process in the namespace (our spawners among them) has died: so a
-    spawner's death is seen first, and init's PF_EXITING flag tells the two apart.
+    every other process in the namespace (our commands among them) has been reaped: so
+    a worker's death, or its command's, is seen first, and init's PF_EXITING flag tells the two apart.
     """
     p = select.poll()
     p.register(rt.init_pidfd, select.POLLIN)

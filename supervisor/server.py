@@ -1,9 +1,10 @@
-"""The supervisor's event loop: ZeroMQ in, workers and spawners out, one thread.
+"""The supervisor's event loop: ZeroMQ in, workers out, one thread.
 
-Everything is an fd in one epoll set: the ROUTER socket (through ZMQ_FD, drained on
-every wake since it is edge-triggered), the zygote's socket, each worker's and each
-spawner's socketpair, each exec's output pipes and each container init's pidfd. Timers
-(exec deadlines, worker backoff, discovery rescans) live in a heap. Nothing blocks.
+Everything is an fd in one epoll set: the ROUTER socket (through ZMQ_FD, which is
+edge-triggered: the loop does not sleep while requests are left), the zygote's socket,
+each worker's socketpair, stdin pipes, each container init's pidfd, inotify and the
+event socket. Timers (exec deadlines, worker backoff, discovery rescans) live in a heap.
+Nothing blocks.
 """
 
 from __future__ import annotations
