@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -93,3 +94,24 @@ def test_tcp_without_auth_is_refused(box, tmp_path):
                         "--endpoint", f"tcp://127.0.0.1:{free_port()}"],
                        capture_output=True, timeout=30)
     assert r.returncode != 0 and b"needs [auth]" in r.stderr
+
+
+def test_default_style_ipc_endpoint_is_root_only(supervisor):
+    """The unix socket needs no key: only root can reach it (0700 directory, 0600 socket)."""
+    path = supervisor.endpoint[len("ipc://"):]
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_ipc_directory_is_created_0700(box, tmp_path):
+    endpoint = f"ipc://{tmp_path}/fresh/dir/warmexec.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root",
+                             box.root, "--endpoint", endpoint], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with Client(endpoint) as c:
+            assert c.ping(timeout=10)["ok"]
+        assert stat.S_IMODE(os.stat(f"{tmp_path}/fresh/dir").st_mode) == 0o700
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) == 0
