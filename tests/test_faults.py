@@ -233,3 +233,22 @@ def test_running_out_of_fds_keeps_the_containers_it_has(box, tmp_path):
         sup.stop()
         for cid in [first, *more]:
             box.delete(cid)
+
+
+def test_zygote_killed_workers_come_back_from_a_new_one(box, tmp_path):
+    cid = box.run("zygote")
+    sup = SupervisorProcess(box.root, str(tmp_path), metrics=False)
+    try:
+        with Client(sup.endpoint) as c:
+            row = wait_ready(c, cid)
+            zygote = next(p for p in _descendants(sup.proc.pid)
+                          if "warmexec.worker.zygote" in open(f"/proc/{p}/cmdline").read())
+            os.kill(zygote, signal.SIGKILL)
+            wait_for(lambda: not _alive(row["worker_pid"]), 5, "the worker to die with its zygote")
+            wait_for(lambda: (r := _row(c, cid)) and r["state"] == "READY"
+                     and r["worker_pid"] != row["worker_pid"], 10, "a worker from the new zygote")
+            assert c.exec(cid, ["true"])["exit_code"] == 0
+        assert "starting a new one" in sup.read_log()
+    finally:
+        sup.stop()
+        box.delete(cid)
