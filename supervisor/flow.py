@@ -103,8 +103,10 @@ class ExecFlow:
         """At most MAX_PROFILES warm workers of other profiles per container (each is a
         process in the container's cgroups): let the least recently used idle one go,
         or answer BUSY."""
+        if key == DEFAULT or key in rt.workers:
+            return  # the common case, on every exec: nothing to build
         others = [sp for k, sp in rt.workers.items() if k != DEFAULT]
-        if key == DEFAULT or key in rt.workers or len(others) < MAX_PROFILES:
+        if len(others) < MAX_PROFILES:
             return
         idle = [sp for sp in others if sp.ready and not sp.inflight and not sp.waiting]
         if not idle:
