@@ -12,6 +12,7 @@ can leak into a process that a worker later executes.
 from __future__ import annotations
 
 import array
+import mmap
 import os
 import socket
 from collections.abc import Sequence
@@ -35,17 +36,32 @@ def send(sock: socket.socket, msg: dict, fds: Sequence[int] = ()) -> None:
         sock.send(data)
 
 
+_buffer: list[mmap.mmap] = []
+
+
+def _receive_buffer() -> mmap.mmap:
+    """This process's receive buffer, made on first use: MAX_IPC bytes of private
+    anonymous memory that become resident only as far as messages reach into them
+    (recvmsg with a MAX_IPC-byte size would map, shrink and unmap that much per
+    message). Private, so a forked child writes to its own copy."""
+    if not _buffer:
+        _buffer.append(mmap.mmap(-1, MAX_IPC, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+    return _buffer[0]
+
+
 def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
     """Return (message, fds); (None, []) at end of stream (the peer is gone)."""
+    buf = _receive_buffer()
     try:
-        data, anc, _, _ = sock.recvmsg(MAX_IPC, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+        n, anc, _, _ = sock.recvmsg_into((buf,), _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
     except ConnectionResetError:
         # The peer died with our messages unread: the kernel reports that once, ahead
         # of what the peer had sent us before dying (say, why it failed). Read on.
         try:
-            data, anc, _, _ = sock.recvmsg(MAX_IPC, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
+            n, anc, _, _ = sock.recvmsg_into((buf,), _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
         except ConnectionResetError:
             return None, []
+    data = buf[:n]
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
