@@ -48,6 +48,7 @@ class Client:
             self.sock.curve_serverkey, _ = zmq.auth.load_certificate(server_key)
             self.sock.curve_publickey, self.sock.curve_secretkey = zmq.auth.load_certificate(client_key)
         self.sock.connect(endpoint or default_endpoint())
+        self._rcvtimeo = -1  # the socket's receive timeout, in ms (-1: none yet)
         self._ids = itertools.count(1)
         self._replies: dict[Any, dict] = {}
         self._pending: set[Any] = set()  # submitted, reply not yet taken or given up
@@ -110,9 +111,15 @@ class Client:
 
     # ---- receiving ---------------------------------------------------------------
     def _recv(self, wait: float) -> dict | None:
-        if not self.sock.poll(int(wait * 1000)):
+        ms = int(wait * 1000)
+        if ms != self._rcvtimeo:  # a blocking recv with a timeout: no poller per reply
+            self.sock.setsockopt(zmq.RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            data = self.sock.recv()
+        except zmq.Again:
             return None
-        msg = codec.unpack_map(self.sock.recv())
+        msg = codec.unpack_map(data)
         if msg.get("id") in self._pending:  # a reply we stopped waiting for is dropped
             self._replies[msg.get("id")] = msg
         return msg

@@ -42,6 +42,9 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self.container_label = container_label
         self.k8s: dict[str, tuple[str, str]] = {}  # container -> (pod, namespace), "" if none
+        # container -> its spawn and duration series and its exit-code series, looked up
+        # once: labels() costs a lock and a tuple per call, and every exec needs three.
+        self._series: dict[str, tuple[Any, Any, dict[int, Any]]] = {}
         c = ("container", "pod", "namespace") if container_label else ()
         r = self.registry
         self.duration = Histogram("warmexec_exec_duration_seconds",
@@ -95,17 +98,29 @@ class Metrics:
             return ()
         return (container, *self.k8s.get(container, ("", "")))
 
+    def _of(self, container: str) -> tuple[Any, Any, dict[int, Any]]:
+        series = self._series.get(container)
+        if series is None:
+            c = self._c(container)
+            series = self._series[container] = (self.spawn.labels(*c), self.duration.labels(*c), {})
+        return series
+
     # ---- called from the event loop ------------------------------------------------
     def spawned(self, container: str, seconds: float) -> None:
-        self.spawn.labels(*self._c(container)).observe(seconds)
+        self._of(container)[0].observe(seconds)
 
     def finished(self, ex: Any, reply: dict) -> None:
         container = ex.req.container
         if not reply.get("ok"):
             self.errors.labels(reply["error"]["code"]).inc()
             return
-        self.duration.labels(*self._c(container)).observe(reply["timings"]["total"] / 1e6)
-        self.exits.labels(*self._c(container), str(reply["exit_code"])).inc()
+        _, duration, exits = self._of(container)
+        duration.observe(reply["timings"]["total"] / 1e6)
+        code = reply["exit_code"]
+        series = exits.get(code)
+        if series is None:
+            series = exits[code] = self.exits.labels(*self._c(container), str(code))
+        series.inc()
         if reply.get("signal"):
             self.signals.labels(_signame(reply["signal"])).inc()
         if reply.get("timed_out"):
@@ -139,8 +154,10 @@ class Metrics:
 
     def event(self, topic: str, fields: dict) -> None:
         if topic == "container.added":
+            self._series.pop(fields["container"], None)  # its pod labels may have changed
             self.k8s[fields["container"]] = (fields.get("pod") or "", fields.get("namespace") or "")
         elif topic == "container.removed":
+            self._series.pop(fields["container"], None)
             if self.container_label:
                 self._forget(fields["container"])
             self.k8s.pop(fields["container"], None)

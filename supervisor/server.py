@@ -39,6 +39,9 @@ MAX_FRAMES = 8  # identities (proxies add one each), the REQ delimiter, payload
 MAX_ENVELOPE = 4096  # bytes of all of them but the payload
 REPLY_DROPPED = "REPLY_DROPPED"  # a metrics label, never a reply
 SNDHWM = 1000
+# Plain ints: each use of pyzmq's flag enums builds an Enum object, on every message.
+NOBLOCK = int(zmq.NOBLOCK)
+MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 class Loop:
@@ -253,11 +256,8 @@ class Supervisor:
         one client must not starve everyone else's replies. ``self.backlog`` tells the
         loop not to sleep while requests are left (ZMQ_FD is edge-triggered)."""
         for _ in range(BATCH):
-            if not self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self.backlog = False
-                return
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=self.auth is None)
+                frames = self.router.recv_multipart(NOBLOCK, copy=self.auth is None)
             except zmq.Again:
                 self.backlog = False
                 return
@@ -311,8 +311,12 @@ class Supervisor:
             self.reply(envelope, messages.error_reply(req_id, errors.INTERNAL, "internal error"))
 
     def reply(self, envelope: list[bytes], msg: dict) -> None:
+        data = codec.pack(msg)
+        send = self.router.send
         try:
-            self.router.send_multipart([*envelope, codec.pack(msg)], zmq.NOBLOCK)
+            for frame in envelope:  # the first one (the client's identity) routes it all
+                send(frame, MORE)
+            send(data, NOBLOCK)
         except zmq.Again:
             self.dispatch.count_error(REPLY_DROPPED)
         except zmq.ZMQError as exc:  # client gone, unroutable

@@ -24,6 +24,7 @@ reaped through their pidfds with wait4 (for rusage); nothing else here has child
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import signal
@@ -270,12 +271,18 @@ def lookup(name: str, path_var: str | None) -> tuple[str | None, int]:
     used as is; otherwise the first regular file with an execute bit on $PATH."""
     if "/" in name:
         return name, 0
-    for d in path_var.split(":") if path_var else ():  # no PATH: nothing is searched
-        candidate = os.path.join(d or ".", name)
+    for prefix in _prefixes(path_var):
         try:
-            st = os.stat(candidate)
+            st = os.stat(prefix + name)
         except OSError:
             continue
         if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
-            return candidate, 0
+            return prefix + name, 0
     return None, errno.ENOENT
+
+
+@functools.lru_cache(maxsize=32)
+def _prefixes(path_var: str | None) -> tuple[str, ...]:
+    """$PATH's directories, each ready to take a name ("" is the current directory).
+    No PATH: nothing is searched."""
+    return tuple(f"{d or '.'}/" for d in path_var.split(":")) if path_var else ()
