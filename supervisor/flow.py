@@ -6,6 +6,10 @@ Path of one exec (docs/ARCHITECTURE.md draws it)::
            -> send_spawn -> "started" (pid known: start hooks, spawn latency)
                          -> "exited"  (wait status: reply, exit hooks, metrics)
 
+"started" comes at once only when start hooks or the event stream want it; otherwise
+the worker sends it for commands still running after a moment (worker.spawner's
+ANNOUNCE_AFTER), and a quicker command's "exited" carries its pid and start time.
+
 Every exec ends in exactly one reply through ``finish``; every way a part can die
 (worker, container, timeout) ends there too, with a stable error code.
 """
@@ -46,6 +50,8 @@ class ExecFlow:
             self.on_failed(rt, ex, msg)
         elif op == "exited":
             del sp.inflight[ex.exec_id]
+            if ex.started is None:  # never announced: it exited that quickly
+                self.on_started(rt, ex, msg, announced=False)
             oom = False
             if os.WIFSIGNALED(msg["status"]) and os.WTERMSIG(msg["status"]) == signal.SIGKILL:
                 if dying(rt):  # killed because its pid namespace is being torn down
@@ -54,16 +60,18 @@ class ExecFlow:
                 oom, rt.oom_seen = count > rt.oom_seen and not ex.timed_out, count
             self.finish(ex, rt, messages.ok_reply(ex.req_id, **ex.result(msg, oom)))
 
-    def on_started(self, rt: Runtime, ex: Exec, msg: dict) -> None:
+    def on_started(self, rt: Runtime, ex: Exec, msg: dict, announced: bool = True) -> None:
         ex.started = msg.get("started_at") or time.monotonic()  # CLOCK_MONOTONIC: shared
         ex.pid, ex.container_pid = msg.get("pid"), msg.get("container_pid")
+        if self.metrics is not None:
+            self.metrics.spawned(rt.name, ex.started - ex.received)
+        if not announced:
+            return
         if ex.pid is not None:
             try:  # kept, to kill the group if the exec is lost
                 ex.pidfd = os.pidfd_open(ex.pid)
             except OSError:
                 pass  # it has already exited
-        if self.metrics is not None:
-            self.metrics.spawned(rt.name, ex.started - ex.received)
         self.hook("start", rt, ex)
 
     def on_failed(self, rt: Runtime, ex: Exec, msg: dict) -> None:
@@ -131,7 +139,8 @@ class ExecFlow:
         ex.dispatched = sp.last_used = time.monotonic()  # before the worker can start it
         try:
             ipc.send(sp.sock, {"op": "spawn", "id": ex.exec_id, "argv": req.argv, "env": req.env,
-                               "cwd": req.cwd, "capture": req.capture}, stdin)
+                               "cwd": req.cwd, "capture": req.capture,
+                               "announce": self.wants_starts()}, stdin)
         except OSError as exc:
             ex.close()
             return self.fail(ex, errors.WORKER_LOST, f"worker unreachable: {exc.strerror}")
@@ -171,6 +180,10 @@ class ExecFlow:
         if not ex.done:
             sp.inflight.pop(ex.exec_id, None)
             self.fail(ex, errors.WORKER_LOST, "the worker did not report the killed process")
+
+    def wants_starts(self) -> bool:
+        """Must workers report each start at once (start hooks, the event stream)?"""
+        return self.publish is not None or (self.hooks is not None and self.hooks.wants("start"))
 
     def hook(self, kind: str, rt: Runtime, ex: Exec, result: dict | None = None) -> None:
         """An exec started or exited: for hooks and the event stream (never logged at

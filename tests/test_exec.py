@@ -10,10 +10,10 @@ import urllib.request
 import pytest
 import zmq
 
-from warmexec.protocol import codec, errors
+from warmexec.protocol import Client, codec, errors
 from warmexec.protocol.errors import WarmexecError
 
-from .conftest import wait_for
+from .conftest import SupervisorProcess, wait_for, wait_ready
 
 pytestmark = pytest.mark.root
 
@@ -51,6 +51,27 @@ def test_pids_and_rusage(client, container):
     assert r["rusage"]["maxrss_kb"] > 0 and r["rusage"]["utime"] >= 0
     t = r["timings"]
     assert 0 <= t["queued"] <= t["spawn"] <= t["total"]
+
+
+def test_starts_nobody_asked_for_travel_with_the_exit(box, container, tmp_path):
+    """Without start hooks or event subscribers a worker reports a quick command's start
+    inside its exit, and a slower one's on its own after a moment: both replies carry
+    the same pids and timings, and the spawn histogram counts both."""
+    sup = SupervisorProcess(box.root, str(tmp_path))
+    try:
+        with Client(sup.endpoint) as c:
+            wait_ready(c, container)
+            for argv in (["sh", "-c", "echo $$"], ["sh", "-c", "sleep 0.2; echo $$"]):
+                r = c.exec(container, argv)
+                assert int(r["stdout"]) == r["container_pid"] and r["pid"] != r["container_pid"]
+                t = r["timings"]
+                assert 0 <= t["queued"] <= t["spawn"] <= t["total"]
+            assert t["total"] - t["spawn"] >= 200_000  # the sleep ran after the spawn
+            text = urllib.request.urlopen(f"http://127.0.0.1:{sup.metrics_port}/metrics",
+                                          timeout=5).read().decode()
+            assert f'warmexec_exec_spawn_seconds_count{{container="{container}",namespace="",pod=""}} 2.0' in text
+    finally:
+        assert sup.stop() == 0
 
 
 def test_stdin_and_output_capture(client, container):

@@ -55,6 +55,31 @@ def test_worker_killed_with_execs_in_flight(box, client):
         box.delete(cid)
 
 
+def test_zygote_kills_what_a_dead_worker_left_even_unknown_to_the_supervisor(box, supervisor):
+    """The zygote is the workers' subreaper: a dead worker's commands become its
+    children and are killed, with no help from the supervisor (frozen here)."""
+    cid = box.run("orphans")
+    client = Client(supervisor.endpoint)
+    try:
+        row = wait_ready(client, cid)
+        rid = client.submit("exec", container=cid, argv=["sleep", "1004"])
+        wait_for(lambda: _in_container(box, cid, "sleep 1004"), 10, "the exec to start")
+        os.kill(supervisor.proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(row["worker_pid"], signal.SIGKILL)
+            wait_for(lambda: not _in_container(box, cid, "sleep 1004"), 5,
+                     "the zygote to kill the orphaned exec")
+        finally:
+            os.kill(supervisor.proc.pid, signal.SIGCONT)
+        with pytest.raises(WarmexecError) as e:
+            client.result(rid, timeout=5)
+        assert e.value.code == errors.WORKER_LOST
+        assert wait_ready(client, cid)["restarts"] == 1
+    finally:
+        client.close()
+        box.delete(cid)
+
+
 def test_container_dies_mid_exec_and_comes_back(box, client):
     cid = box.run("dies")
     wait_ready(client, cid)

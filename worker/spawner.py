@@ -3,12 +3,12 @@
 The worker (see :mod:`worker`) has joined the container and taken one credential
 profile; this is its loop, over its socketpair with the supervisor::
 
-    supervisor -> {op: spawn, id, argv, env, cwd, capture} (+ fds [stdin] if any input)
+    supervisor -> {op: spawn, id, argv, env, cwd, capture, announce} (+ fds [stdin] if any)
     worker     -> {op: started, id, pid, container_pid, started_at}
                 | {op: failed, id, errno, stage}
     worker     -> {op: out, id, stream, data}...  (only for output over one message)
-    worker     -> {op: exited, id, status, utime, stime, maxrss,
-                   stdout, stderr, stdout_total, stderr_total}
+    worker     -> {op: exited, id, status, utime, stime, maxrss, pid, container_pid,
+                   started_at, stdout, stderr, stdout_total, stderr_total}
     supervisor -> {op: kill, id, signal}
     worker     -> {op: container_exited}  (its init's pidfd turned readable; then it exits)
 
@@ -19,6 +19,12 @@ dropped), so the supervisor handles two small messages per exec and no descripto
 The worker lives in the host's pid namespace: posix_spawn returns the host pid, and
 the pid inside the container comes from the pidfd's fdinfo (NSpid). Children are
 reaped through their pidfds with wait4 (for rusage); nothing else here has children.
+
+"started" is sent at once when the spawn asks to ``announce`` it (start hooks or event
+subscribers want it); otherwise only for a command still running ANNOUNCE_AFTER later:
+a probe that exits sooner costs one message each way, not two ("exited" carries its
+pid and start time). If this worker dies meanwhile, the zygote, its subreaper, kills
+what it leaves behind (see :mod:`zygote`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from ..protocol import ipc
 from . import creds
 
 CHUNK = 96 * 1024  # output per message: well under a socketpair's default send buffer
+ANNOUNCE_AFTER = 0.002  # seconds a command runs before an unasked-for "started" is sent
 _READ = 65536
 
 
@@ -67,10 +74,12 @@ class Output:
 
 
 class Child:
-    __slots__ = ("pid", "pidfd", "exec_id", "outputs", "started_at")
+    __slots__ = ("pid", "pidfd", "exec_id", "outputs", "started_at", "container_pid")
 
-    def __init__(self, pid: int, pidfd: int, exec_id: object, outputs: list[Output]) -> None:
+    def __init__(self, pid: int, pidfd: int, exec_id: object, outputs: list[Output],
+                 container_pid: int | None) -> None:
         self.pid, self.pidfd, self.exec_id, self.outputs = pid, pidfd, exec_id, outputs
+        self.container_pid = container_pid
         self.started_at = time.monotonic()
 
 
@@ -91,13 +100,18 @@ class Spawner:
         self.children: dict[int, Child] = {}  # pidfd -> child
         self.by_id: dict[object, Child] = {}
         self.pipes: dict[int, Output] = {}  # read end -> output
+        self.unannounced: dict[object, Child] = {}  # exec id -> child, oldest first
         self.poll = select.poll()
         self.poll.register(sock, select.POLLIN)
         self.poll.register(init_pidfd, select.POLLIN)
 
     def run(self) -> None:
         while True:
-            for fd, _ in self.poll.poll():
+            wait = None
+            if self.unannounced:
+                oldest = next(iter(self.unannounced.values()))
+                wait = max(0.0, oldest.started_at + ANNOUNCE_AFTER - time.monotonic()) * 1000
+            for fd, _ in self.poll.poll(wait):
                 if fd == self.init_pidfd:
                     ipc.send(self.sock, {"op": "container_exited"})
                     return
@@ -112,6 +126,8 @@ class Spawner:
                         self.close_output(out)
                 elif fd in self.children:
                     self.reap(fd)
+            if self.unannounced:
+                self.announce_due()
 
     def handle(self, msg: dict, fds: list[int]) -> None:
         op = msg.get("op")
@@ -161,14 +177,29 @@ class Spawner:
                 if fd != 1:
                     os.close(fd)
         pidfd = os.pidfd_open(pid)
-        child = self.children[pidfd] = self.by_id[exec_id] = Child(pid, pidfd, exec_id, outputs)
+        child = self.children[pidfd] = self.by_id[exec_id] = Child(
+            pid, pidfd, exec_id, outputs, self.container_pid(pidfd))
         self.poll.register(pidfd, select.POLLIN)
         for out in outputs:
             self.pipes[out.fd] = out
             self.poll.register(out.fd, select.POLLIN)
-        ipc.send(self.sock, {"op": "started", "id": exec_id, "pid": pid,
-                             "container_pid": self.container_pid(pidfd),
-                             "started_at": child.started_at})
+        if msg.get("announce", True):
+            self.announce(child)
+        else:
+            self.unannounced[exec_id] = child
+
+    def announce(self, child: Child) -> None:
+        ipc.send(self.sock, {"op": "started", "id": child.exec_id, "pid": child.pid,
+                             "container_pid": child.container_pid, "started_at": child.started_at})
+
+    def announce_due(self) -> None:
+        """Send "started" for the commands that have now run ANNOUNCE_AFTER."""
+        due = time.monotonic() - ANNOUNCE_AFTER
+        for exec_id, child in list(self.unannounced.items()):
+            if child.started_at > due:
+                return
+            del self.unannounced[exec_id]
+            self.announce(child)
 
     def start(self, path: str, argv: list[str], env: dict, fds: list[int]) -> int:
         if self.deferred:
@@ -237,6 +268,7 @@ class Spawner:
         if pid == 0:
             return  # a stale event for a reused fd number: this child still runs
         del self.children[pidfd], self.by_id[child.exec_id]
+        self.unannounced.pop(child.exec_id, None)
         self.poll.unregister(pidfd)
         os.close(pidfd)
         for out in child.outputs:  # all the command wrote is in the pipe by now; a
@@ -253,6 +285,8 @@ class Spawner:
         totals = [o.total for o in child.outputs] or [0, 0]
         ipc.send(self.sock, {"op": "exited", "id": child.exec_id, "status": status,
                              "utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss": ru.ru_maxrss,
+                             "pid": child.pid, "container_pid": child.container_pid,
+                             "started_at": child.started_at,
                              "stdout": stdout, "stderr": stderr,
                              "stdout_total": totals[0], "stderr_total": totals[1]})
 

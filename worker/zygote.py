@@ -13,6 +13,10 @@ or a request's user and privileged flag.
 
 It imports only what a worker needs, then freezes the heap (gc.freeze) so that forked
 workers share its pages instead of copying them on the first garbage collection.
+
+It is also its workers' subreaper: when a worker dies, the commands it had started
+become the zygote's children (not init's), and the zygote kills their process groups,
+whether or not the supervisor had heard of them yet; a lost exec leaves nothing running.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from .worker import worker_main
 
 def main(supervisor_pid: int, fd: int) -> None:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     sock = socket.socket(fileno=fd)
     if os.getppid() != supervisor_pid:  # it died before the death signal was set
         return
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    # Reap workers as they exit: nothing else in this process has children.
+    # Reap workers as they exit, and the commands of those that died (see above).
     signal.signal(signal.SIGCHLD, lambda *_: None)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -47,6 +52,7 @@ def main(supervisor_pid: int, fd: int) -> None:
     gc.collect()
     gc.freeze()
     me = os.getpid()
+    workers: set[int] = set()
     while True:
         try:
             events = poll.poll()
@@ -55,7 +61,7 @@ def main(supervisor_pid: int, fd: int) -> None:
         for ready, _ in events:
             if ready == wake_r:
                 os.read(wake_r, 4096)
-                reap()
+                reap(workers)
                 continue
             msg, fds = ipc.recv(sock)
             if msg is None:
@@ -63,10 +69,13 @@ def main(supervisor_pid: int, fd: int) -> None:
             for extra in fds:
                 os.close(extra)
             if msg.get("op") == "fork":
-                fork_worker(sock, msg, me, (wake_r, wake_w))
+                pid = fork_worker(sock, msg, me, (wake_r, wake_w))
+                if pid:
+                    workers.add(pid)
 
 
-def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int]) -> None:
+def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int]) -> int:
+    """Fork a worker for msg; its pid, 0 if fork failed."""
     ours, theirs = ipc.socketpair()
     try:
         pid = os.fork()
@@ -74,7 +83,7 @@ def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int
         ours.close()
         theirs.close()
         ipc.send(sock, {"op": "forked", "tag": msg.get("tag"), "pid": 0, "error": str(exc)})
-        return
+        return 0
     if pid == 0:
         code = 1
         try:
@@ -95,16 +104,48 @@ def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int
     theirs.close()
     ipc.send(sock, {"op": "forked", "tag": msg.get("tag"), "pid": pid}, [ours.fileno()])
     ours.close()
+    return pid
 
 
-def reap() -> None:
+def reap(workers: set[int]) -> None:
+    """Reap every child that exited; if a worker was among them, kill what it left."""
+    lost = False
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            break
         if pid == 0:
-            return
+            break
+        if pid in workers:
+            workers.discard(pid)
+            lost = True
+    if lost:
+        for pid in children() - workers:
+            try:
+                os.killpg(pid, signal.SIGKILL)  # each command leads its own session
+            except (ProcessLookupError, PermissionError):
+                pass  # an unreaped child's group id cannot have been reused
+
+
+def children() -> set[int]:
+    """Our children's pids: the kernel's list, or a scan of /proc without it."""
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/task/{me}/children") as f:
+            return {int(p) for p in f.read().split()}
+    except OSError:
+        pass
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == me:
+                        found.add(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
 
 
 if __name__ == "__main__":
