@@ -69,7 +69,8 @@ def test_starts_nobody_asked_for_travel_with_the_exit(box, container, tmp_path):
             assert t["total"] - t["spawn"] >= 200_000  # the sleep ran after the spawn
             text = urllib.request.urlopen(f"http://127.0.0.1:{sup.metrics_port}/metrics",
                                           timeout=5).read().decode()
-            assert f'warmexec_exec_spawn_seconds_count{{container="{container}",namespace="",pod=""}} 2.0' in text
+            labels = f'container="{container}",namespace="",pod=""'
+            assert f"warmexec_exec_spawn_seconds_count{{{labels}}} 2.0" in text
     finally:
         assert sup.stop() == 0
 
