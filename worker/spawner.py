@@ -204,8 +204,9 @@ class Spawner:
     def start(self, path: str, argv: list[str], env: dict, fds: list[int]) -> int:
         if self.deferred:
             return self.fork_exec(path, argv, env, fds)
-        return os.posix_spawn(path, argv, env,
-                              file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)],
+        return os.posix_spawn(path, argv, env,  # fds already in place are ours, inheritable
+                              file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)
+                                            if fd != i],
                               setsid=True, setsigdef=self.sigdef, setsigmask=())
 
     def container_pid(self, pidfd: int) -> int | None:
