@@ -42,6 +42,7 @@ SNDHWM = 1000
 # Plain ints: each use of pyzmq's flag enums builds an Enum object, on every message.
 NOBLOCK = int(zmq.NOBLOCK)
 MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class Loop:
@@ -256,6 +257,10 @@ class Supervisor:
         one client must not starve everyone else's replies. ``self.backlog`` tells the
         loop not to sleep while requests are left (ZMQ_FD is edge-triggered)."""
         for _ in range(BATCH):
+            # Asked first: an empty recv would raise, and pyzmq's exceptions are dear.
+            if not self.router.getsockopt(EVENTS) & POLLIN:
+                self.backlog = False
+                return
             try:
                 frames = self.router.recv_multipart(NOBLOCK, copy=self.auth is None)
             except zmq.Again:
