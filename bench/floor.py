@@ -27,7 +27,6 @@ import sys
 import time
 
 from warmexec.supervisor import discovery
-from warmexec.worker import linux
 from warmexec.worker.worker import join
 
 TRUE = "/bin/true"
@@ -36,14 +35,7 @@ TRUE = "/bin/true"
 def enter(root: str, cid: str) -> dict:
     """Join cid's namespaces and cgroups as a worker does; return the worker spec."""
     spec = discovery.from_state(root, cid, os.path.join(root, cid, "state.json")).spec()
-    state = join(spec)  # cgroups, then every namespace
-    # The earlier design's join left the cgroups (and the cgroup namespace) to the spawner.
-    for fd in state.get("cgroup_fds", ()):
-        os.write(fd, b"0")  # "0": the writer itself, whatever pid namespace it sees
-        os.close(fd)
-    if state.get("cgroupns_fd") is not None:
-        linux.setns(state["cgroupns_fd"], linux.CLONE_NEWCGROUP)
-        os.close(state["cgroupns_fd"])
+    join(spec)  # cgroups, then every namespace
     return spec
 
 
@@ -94,15 +86,24 @@ def main() -> int:
     p.add_argument("--container", required=True, help="runc container id")
     p.add_argument("-n", type=int, default=2000, help="timed iterations")
     p.add_argument("--warmup", type=int, default=20, help="untimed iterations first")
+    p.add_argument("--barrier", action="store_true",
+                   help='after the warm-up, print "ready" and start timing on a line from stdin '
+                        "(so parallel floors start together, for throughput)")
     args = p.parse_args()
     procfd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the host's
     spec = enter(args.root, args.container)
     # From here on paths resolve in the container: no imports, no host paths.
     checks = check_joined(procfd, spec["init_pid"])
     _, warm_failures = measure(args.warmup)
+    if args.barrier:
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        sys.stdin.readline()
+    t0 = time.perf_counter_ns()
     samples, failures = measure(args.n)
+    elapsed = time.perf_counter_ns() - t0
     sys.stdout.write(json.dumps({"samples_ns": samples, "failures": failures + warm_failures,
-                                 "checks": checks}))
+                                 "checks": checks, "elapsed_ns": elapsed}))
     sys.stdout.flush()
     return 0
 

@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("warmexec", "runc exec", "nsenter", "floor")
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 WARMEXEC_INFLIGHT = (1, 8, 32, 128)
+FLOOR_PARALLEL = (1, os.cpu_count() or 1)  # spawn+wait loops running side by side
 RUNC_INFLIGHT = (1, 8)
 RUNC_INFLIGHT_FULL = (1, 8, 32)
 RUNC_POINT_BUDGET = 60.0  # seconds: a runc exec point predicted to take longer is skipped
@@ -171,6 +172,33 @@ def runc_parallel(box: RuncBox, cids: list[str], k: int, total: int, failures: F
     return time.perf_counter() - t0
 
 
+def floor_parallel(box: RuncBox, cids: list[str], k: int, total: int, failures: Failures) -> float:
+    """Seconds for total spawn+wait of /bin/true by k bench.floor processes, each in its
+    own container, started together: what the kernel alone allows on these cores."""
+    per = [total // k + (i < total % k) for i in range(k)]
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.floor", "--root", box.root, "--container",
+                               cids[i % len(cids)], "-n", str(per[i]), "--warmup", "20", "--barrier"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO) for i in range(k)]
+    try:
+        for proc in procs:
+            if proc.stdout.readline().strip() != "ready":
+                raise BenchError(f"bench.floor failed: {proc.stderr.read().strip()}")
+        for proc in procs:  # all of them are waiting on stdin: start them together
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = [json.loads(proc.communicate(timeout=600)[0]) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for r in results:
+        for _ in range(r["failures"]):
+            failures.add("floor", "/bin/true exited non-zero")
+    return max(r["elapsed_ns"] for r in results) / 1e9
+
+
 def _row(method: str, k: int, execs: int, secs: float) -> dict:
     return {"method": method, "inflight": k, "execs": execs, "seconds": round(secs, 4),
             "execs_per_s": round(execs / secs, 1)}
@@ -179,11 +207,14 @@ def _row(method: str, k: int, execs: int, secs: float) -> dict:
 def measure_throughput(box: RuncBox, client: Client, cids: list[str], c: Counts, quick: bool,
                        failures: Failures) -> list[dict]:
     """Execs/s as concurrency grows: where warmexec's single-threaded supervisor and
-    runc's per-exec process start-up each stop scaling on this machine. A runc exec
+    runc's per-exec process start-up each stop scaling on this machine, beside the
+    floor's own rate with one spawn+wait loop per CPU (the kernel's ceiling here). A runc exec
     point that the previous point's rate predicts to run over RUNC_POINT_BUDGET is
     left out (listed with "skipped")."""
     rows = [_row("warmexec", k, c.tput, warmexec_pipelined(client, cids, k, c.tput, failures))
             for k in WARMEXEC_INFLIGHT]
+    for k in FLOOR_PARALLEL:
+        rows.append(_row("floor", k, c.tput, floor_parallel(box, cids, k, c.tput, failures)))
     rate = None
     for k in RUNC_INFLIGHT if quick else RUNC_INFLIGHT_FULL:
         if rate and c.tput_runc / rate > RUNC_POINT_BUDGET:
