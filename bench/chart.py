@@ -74,6 +74,8 @@ def _scale(ax, points: list[dict]) -> None:
     ax.plot(ns, [p["latency"]["p50_ms"] for p in points], marker="o", color="tab:blue", label="p50 latency")
     ax.plot(ns, [p["latency"]["p99_ms"] for p in points], marker=".", ls="--", color="tab:blue",
             label="p99 latency")
+    ax.plot(ns, [p["latency_one"]["p50_ms"] for p in points], marker="x", ls=":", color="tab:cyan",
+            label="p50, one container (rest warm)")
     ax.set_xscale("log")
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.minorticks_off()
@@ -87,7 +89,7 @@ def _scale(ax, points: list[dict]) -> None:
              color="tab:gray", label="supervisor RSS")
     mem.set_ylabel("MiB")
     mem.set_ylim(bottom=0)
-    ax.set_title("at scale: latency round-robin over all, memory")
+    ax.set_title("at scale: latency (round-robin over all; one), memory")
     lines = ax.get_legend_handles_labels()[0] + mem.get_legend_handles_labels()[0]
     ax.legend(lines, [h.get_label() for h in lines], loc="best", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)

@@ -61,9 +61,9 @@ def print_cpu(cpu: dict) -> None:
 
 def print_scale(scale: dict) -> None:
     print("\nwarm containers: warmexec memory (MiB), idle CPU, exec latency round-robin over all")
-    head = "{:>5} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>7} {:>10}"
+    head = "{:>5} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>9} {:>6} {:>6} {:>7} {:>7} {:>10} {:>8} {:>8}"
     print(head.format("ctrs", "sup RSS", "sup USS", "sup PSS", "zyg PSS", "ctr USS", "ctr PSS",
-                      "total PSS", "fds", "idle%", "p50 ms", "p99 ms", "p50/p50(1)"))
+                      "total PSS", "fds", "idle%", "p50 ms", "p99 ms", "p50/p50(1)", "one p50", "ratio"))
     for p in scale["points"]:
         m, sup, zyg = p["memory"], p["memory"]["supervisor"] or {}, p["memory"]["zygote"] or {}
         print(f"{p['containers']:>5} {_num(sup.get('rss_mib')):>7} {_num(sup.get('uss_mib')):>7} "
@@ -71,8 +71,10 @@ def print_scale(scale: dict) -> None:
               f"{_num(m['per_container_uss_mib_p50']):>8} {_num(m['per_container_pss_mib_p50']):>8} "
               f"{_num(m['total_pss_mib'], '.1f'):>9} {m['supervisor_fds']:>6} {p['idle']['cpu_pct']:>6.2f} "
               f"{p['latency']['p50_ms']:>7.3f} {p['latency']['p99_ms']:>7.3f} "
-              f"{_ratio(p['latency']['p50_vs_first']):>10}")
-    print("(ctr = median per container: its worker(s); total PSS = supervisor + zygote + all workers)")
+              f"{_ratio(p['latency']['p50_vs_first']):>10} {p['latency_one']['p50_ms']:>8.3f} "
+              f"{_ratio(p['latency_one']['p50_vs_first']):>8}")
+    print("(ctr = median per container: its worker(s); total PSS = supervisor + zygote + all workers;")
+    print(" p50/p99: round-robin over all containers; one p50: into the first one alone, the rest warm)")
     print("{:>5} {:>9} {:>12} {:>14}".format("ctrs", "start s", "all READY s", "first execs s"))
     for p in scale["points"]:
         print(f"{p['containers']:>5} {p['start_s']:>9.2f} {p['all_ready_s']:>12.2f} "
