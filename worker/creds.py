@@ -29,12 +29,24 @@ _MIN_SPAWNER_NOFILE = 64
 _CAP_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
 
 
-def _read(path: str) -> str:
+def _read(path: str, limit: int = 1 << 20) -> str:
+    """Up to limit bytes of a file as text ("" if unreadable), through plain fd I/O:
+    a text file object costs each worker memory (io, codecs)."""
+    chunks, size = [], 0
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read(1 << 20)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while size < limit:
+                chunk = os.read(fd, min(65536, limit - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
     except OSError:
         return ""
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def exec_user(process: dict, spec: str | None) -> ExecUser:

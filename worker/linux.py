@@ -14,6 +14,9 @@ from ..protocol.caps import CAP_NAMES
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+# Every libc function a worker calls, looked up here, at import in the zygote: a
+# lookup on first use (CDLL.__getattr__) would build it in each worker instead.
+_setns, _prctl, _capset, _syscall = _libc.setns, _libc.prctl, _libc.capset, _libc.syscall
 
 CLONE_NEWTIME = 0x00000080
 CLONE_NEWNS = 0x00020000
@@ -60,12 +63,12 @@ def _check(ret: int) -> int:
 
 
 def setns(fd: int, nstype: int) -> None:
-    _check(_libc.setns(fd, nstype))
+    _check(_setns(fd, nstype))
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return _check(_libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
-                              ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
+    return _check(_prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+                         ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
 
 
 def _read_last_cap() -> int:
@@ -82,7 +85,7 @@ PR_CAPBSET_READ = 23
 def _read_bounding() -> int:
     mask = 0
     for cap in range(LAST_CAP + 1):
-        if _libc.prctl(PR_CAPBSET_READ, ctypes.c_ulong(cap), 0, 0, 0) == 1:
+        if _prctl(PR_CAPBSET_READ, ctypes.c_ulong(cap), 0, 0, 0) == 1:
             mask |= 1 << cap
     return mask
 
@@ -104,18 +107,19 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
+_CapData2 = _CapData * 2  # a ctypes array type: made once, here
 _CAP_V3 = 0x20080522
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
     """Set the three capability sets of the calling thread from 64-bit masks."""
     hdr = _CapHeader(_CAP_V3, 0)
-    data = (_CapData * 2)()
+    data = _CapData2()
     for i, shift in enumerate((0, 32)):
         data[i].effective = (effective >> shift) & 0xFFFFFFFF
         data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
         data[i].inheritable = (inheritable >> shift) & 0xFFFFFFFF
-    _check(_libc.capset(ctypes.byref(hdr), data))
+    _check(_capset(ctypes.byref(hdr), data))
 
 
 def cap_mask(names: list[str] | None) -> int:
@@ -129,14 +133,17 @@ def cap_mask(names: list[str] | None) -> int:
     return mask
 
 
+_KEYCTL_NR = _SYS_KEYCTL.get(platform.machine())
+
+
 def join_session_keyring(name: str) -> None:
     """Join (or create) the named session keyring, so an exec does not share the
     supervisor's session keyring. Silently skipped where keyctl is unavailable."""
-    nr = _SYS_KEYCTL.get(platform.machine())
+    nr = _KEYCTL_NR
     if nr is None:
         return
-    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
-                        ctypes.c_char_p(name.encode()))
+    ret = _syscall(ctypes.c_long(nr), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
+                   ctypes.c_char_p(name.encode()))
     if ret < 0:
         err = ctypes.get_errno()
         if err not in (38, 1):  # ENOSYS, EPERM (keyrings disabled or restricted)

@@ -15,7 +15,6 @@ closed beats running the command less confined than ``runc exec`` would.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -54,11 +53,24 @@ class _ArgCmp(ctypes.Structure):
                 ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
 
 
-def _load_lib() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+def _open(name: str) -> ctypes.CDLL | None:
     try:
-        lib = ctypes.CDLL(name, use_errno=True)
+        return ctypes.CDLL(name, use_errno=True)
     except OSError:
+        return None
+
+
+def _load_lib() -> ctypes.CDLL | None:
+    lib = _open("libseccomp.so.2")
+    if lib is None:
+        # Not under its usual soname: ask ldconfig. Only then, since ctypes.util
+        # imports subprocess and with it threading, whose at-fork hook costs every
+        # worker the zygote forks some 0.35 MiB of private memory.
+        from ctypes.util import find_library
+
+        name = find_library("seccomp")
+        lib = _open(name) if name else None
+    if lib is None:
         return None
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
@@ -79,6 +91,11 @@ def _load_lib() -> ctypes.CDLL | None:
 
 _lib = _load_lib()
 _libc = ctypes.CDLL(None)
+_free = _libc.free
+# glibc's: hands free heap pages back to the kernel (musl has none: then skipped).
+_malloc_trim = getattr(_libc, "malloc_trim", None)
+# Array types of rule conditions (ctypes makes one per length), made here once.
+_CONDS = [_ArgCmp * n for n in range(1, 7)]
 
 
 def action(name: str, ret: int | None) -> int:
@@ -133,6 +150,10 @@ def load(profile: dict) -> None:
         _check(_lib.seccomp_load(ctx), "load")
     finally:
         _lib.seccomp_release(ctx)
+        # Building the filter took libseccomp a few MiB of heap, now free but still
+        # resident and private to this worker for its whole life: give it back.
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
 
 def _add_rules(ctx: int, profile: dict, default: int) -> list[int]:
@@ -147,7 +168,8 @@ def _add_rules(ctx: int, profile: dict, default: int) -> list[int]:
             if act == default:
                 continue
             for conds in rule_conditions(call.get("args") or []):
-                arr = (_ArgCmp * max(1, len(conds)))(*[_ArgCmp(*c) for c in conds])
+                n = max(1, len(conds))
+                arr = (_CONDS[n - 1] if n <= len(_CONDS) else _ArgCmp * n)(*[_ArgCmp(*c) for c in conds])
                 _check(_lib.seccomp_rule_add_array(ctx, act, nr, len(conds), arr), f"rule {name}")
     return named
 
@@ -157,7 +179,7 @@ def _enosys_above(ctx: int, highest: int) -> None:
     for nr in range(highest + 1, _MAX_SYSCALL):
         ptr = _lib.seccomp_syscall_resolve_num_arch(native, nr)
         if ptr:
-            _libc.free(ctypes.c_void_p(ptr))
+            _free(ctypes.c_void_p(ptr))
             _lib.seccomp_rule_add_array(ctx, _errno_action(errno.ENOSYS), nr, 0, None)
 
 

@@ -29,6 +29,7 @@ what it leaves behind (see :mod:`zygote`).
 
 from __future__ import annotations
 
+import _signal
 import errno
 import functools
 import os
@@ -94,9 +95,11 @@ class Spawner:
         self.cwd = spec["process"]["cwd"] or "/"
         self.deferred = creds.deferred_rlimits(profile)
         # Signals this process ignores would stay ignored across exec: reset them.
-        self.sigdef = [s for s in signal.valid_signals()
-                       if s not in (signal.SIGKILL, signal.SIGSTOP)
-                       and signal.getsignal(s) == signal.SIG_IGN]
+        # (_signal's plain ints: signal's enum conversions of 64 signals and their
+        # handlers would each cost the worker private memory.)
+        self.sigdef = [s for s in _signal.valid_signals()
+                       if s not in (_signal.SIGKILL, _signal.SIGSTOP)
+                       and _signal.getsignal(s) == _signal.SIG_IGN]
         self.children: dict[int, Child] = {}  # pidfd -> child
         self.by_id: dict[object, Child] = {}
         self.pipes: dict[int, Output] = {}  # read end -> output

@@ -80,11 +80,9 @@ def join(spec: dict) -> dict:
     devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     adj = spec["process"].get("oom_score_adj")
     if adj is not None:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(adj))
+        _write("/proc/self/oom_score_adj", str(adj).encode())
     for path in spec["cgroup_procs"]:
-        with open(path, "w") as f:
-            f.write("0")  # "0" is the writer itself
+        _write(path, b"0")  # "0" is the writer itself
     flags = 0
     for name in spec["namespaces"]:
         flags |= linux.NAMESPACES[name]
@@ -95,11 +93,23 @@ def join(spec: dict) -> dict:
     return {"pidfd": pidfd, "fdinfo": fdinfo, "devnull": devnull}
 
 
+def _write(path: str, data: bytes) -> None:
+    """Plain fd I/O: a text file object costs each worker memory (io, codecs)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def start_time(pid: int) -> int | None:
     """Field 22 of /proc/PID/stat (clock ticks since boot), the value runc records."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     return int(data[data.rindex(b")") + 2:].split()[19])

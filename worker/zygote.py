@@ -12,7 +12,10 @@ A worker serves one (container, credential profile): the container's default use
 or a request's user and privileged flag.
 
 It imports only what a worker needs, then freezes the heap (gc.freeze) so that forked
-workers share its pages instead of copying them on the first garbage collection.
+workers share its pages instead of copying them on the first garbage collection. The
+standard library (and msgpack) comes first, some of it imported here for that alone:
+warmexec's own objects, which every worker touches (and so copies page by page), are
+then allocated together rather than scattered among the standard library's.
 
 It is also its workers' subreaper: when a worker dies, the commands it had started
 become the zygote's children (not init's), and the zygote kills their process groups,
@@ -21,12 +24,24 @@ whether or not the supervisor had heard of them yet; a lost exec leaves nothing 
 
 from __future__ import annotations
 
+import _signal
+import array  # noqa: F401 (imported early: see above)
+import ctypes  # noqa: F401
+import dataclasses  # noqa: F401
+import errno  # noqa: F401
 import gc
+import mmap  # noqa: F401
 import os
+import platform  # noqa: F401
+import resource  # noqa: F401
 import select
 import signal
 import socket
+import stat  # noqa: F401
 import sys
+import time  # noqa: F401
+
+import msgpack  # noqa: F401
 
 from ..protocol import ipc
 from . import linux
@@ -50,6 +65,7 @@ def main(supervisor_pid: int, fd: int) -> None:
     poll.register(sock, select.POLLIN)
     poll.register(wake_r, select.POLLIN)
     gc.collect()
+    fill_pools()
     gc.freeze()
     me = os.getpid()
     workers: set[int] = set()
@@ -74,6 +90,41 @@ def main(supervisor_pid: int, fd: int) -> None:
                     workers.add(pid)
 
 
+_FILLER: list = []
+
+
+def _free_blocks() -> dict[int, int]:
+    """pymalloc's free blocks in partly used pools, by size class (its own report)."""
+    out = os.memfd_create("mallocstats")
+    saved = os.dup(2)
+    os.dup2(out, 2)
+    try:
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    text = os.pread(out, 1 << 20, 0).decode()
+    os.close(out)
+    blocks = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0].isdigit():
+            blocks[int(parts[0])] = int(parts[4])
+    return blocks
+
+
+def fill_pools() -> None:
+    """Take every free block of pymalloc's partly used pools, for good: a worker then
+    allocates from pools of its own instead of copying a page of ours per block."""
+    for size_class, n in _free_blocks().items():
+        if size_class == 0:
+            _FILLER.append([object() for _ in range(n)])
+        elif size_class == 1:
+            _FILLER.append([1 << 20 | i for i in range(n)])  # a one-digit int: 28 bytes
+        else:
+            _FILLER.append([bytes((size_class + 1) * 16 - 33) for _ in range(n)])
+
+
 def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int]) -> int:
     """Fork a worker for msg; its pid, 0 if fork failed."""
     ours, theirs = ipc.socketpair()
@@ -88,7 +139,9 @@ def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int
         code = 1
         try:
             signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # _signal, not signal: signal.signal would turn the old handler (our lambda)
+            # into an enum, a failing lookup that touches memory every worker then copies.
+            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
             for fd in own_fds:
                 os.close(fd)
             sock.close()
