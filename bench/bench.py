@@ -1,14 +1,15 @@
 """Exec latency, throughput, CPU and memory of warmexec against runc exec, nsenter and the floor.
 
-    python3 -m bench.bench [--quick] [-n N] [--n-slow M] [--containers K] [--scale 1,100,500]
-                           [--warm-containers W] [--json PATH] [--chart PATH]
+    python3 -m bench.bench [--quick] [-n N] [--n-slow M] [--containers K] [--tput-containers T]
+                           [--scale 1,100,500] [--warm-containers W] [--json PATH] [--chart PATH]
 
 One run, one ``warmexec serve`` subprocess per part, busybox containers under private
 runc roots (see :mod:`bench.runcbox`):
 
 1. latency of ``true`` one exec at a time, K containers round-robin: warmexec, runc
    exec, nsenter and the in-namespace floor (:mod:`bench.measure`);
-2. throughput: warmexec with 1, 8, 32 and 128 in flight, runc exec with 1 and 8
+2. throughput over T containers (8): warmexec with 1, 8, 32 and 128 in flight, the floor
+   with one and one-per-CPU spawn loops, runc exec with 1 and 8
    parallel subprocesses (and 32 in a full run);
 3. CPU seconds per 1000 execs, warmexec's whole process tree against runc exec and
    everything it reaps, the client's own CPU beside both (:mod:`bench.resources`);
@@ -113,20 +114,23 @@ def mem_total_mib() -> int | None:
 
 def measure_small(args: argparse.Namespace, box: RuncBox, workdir: str, c: Counts,
                   failures: Failures) -> dict:
-    """Latency, throughput, CPU and warm-up on args.containers containers."""
-    cids = [box.run(f"bench{i}") for i in range(args.containers)]
+    """Latency, CPU and warm-up on args.containers containers; throughput spread over
+    args.tput_containers (the first ones and more, if more)."""
+    all_cids = [box.run(f"bench{i}") for i in range(max(args.containers, args.tput_containers))]
+    cids = all_cids[:args.containers]
     sup = start_supervisor(box.root, workdir)
     client = Client(sup.endpoint)
     out: dict = {}
     try:
-        for cid in cids:
+        for cid in all_cids:
             try:
                 wait_ready(client, cid, READY_TIMEOUT)
             except AssertionError as exc:
                 raise BenchError(f"{exc}; containers: {client.list()}") from None
         t0 = time.monotonic()
         samples = measure_latency(box, client, cids, c, failures)
-        out["throughput"] = measure_throughput(box, client, cids, c, args.quick, failures)
+        out["throughput"] = measure_throughput(box, client, all_cids[:args.tput_containers], c,
+                                               args.quick, failures)
         out["cpu"] = measure_cpu(box, client, sup.proc.pid, cids, c.cpu, c.cpu_runc, failures)
         out["warmup"] = measure_warmup(box, client, c.warm_containers, failures)
         out["seconds"] = round(time.monotonic() - t0, 1)
@@ -142,7 +146,8 @@ def run(args: argparse.Namespace, boxes: list[RuncBox], tmp: str) -> tuple[dict,
     """Every part in turn; the caller deletes the boxes' containers and tmp."""
     c = counts_from(args)
     failures = Failures()
-    doc: dict = {"machine": machine_info(), "counts": dataclasses.asdict(c), "containers": args.containers}
+    doc: dict = {"machine": machine_info(), "counts": dataclasses.asdict(c), "containers": args.containers,
+                 "tput_containers": args.tput_containers}
     boxes.append(RuncBox())
     doc.update(measure_small(args, boxes[0], os.path.join(tmp, "small"), c, failures))
     delete_all(boxes[0])  # idle containers of the first part must not weigh on the next
@@ -171,7 +176,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-n", type=int, help="latency samples for warmexec and floor (default 2000, quick 200)")
     p.add_argument("--n-slow", type=int, help="latency samples for runc exec and nsenter "
                                               "(default 300, quick 30, never more than -n unless given)")
-    p.add_argument("--containers", type=int, default=4, help="containers to spread execs over (default 4)")
+    p.add_argument("--containers", type=int, default=4,
+                   help="containers the latency and CPU execs go round-robin over (default 4)")
+    p.add_argument("--tput-containers", type=int, default=8,
+                   help="containers the throughput execs are spread over (default 8)")
     p.add_argument("--scale", type=_counts_list, help="warm container counts for memory and latency at "
                                                       "scale (default 1,100,500, quick 1,20; '' skips)")
     p.add_argument("--warm-containers", type=int,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-COLORS = {"warmexec": "tab:blue", "runc exec": "tab:red", "nsenter": "tab:orange", "floor": "tab:green"}
+COLORS = {"warmexec": "tab:blue", "runc exec": "tab:red", "nsenter": "tab:orange", "floor": "tab:green",
+          "zmq ping": "tab:gray"}
 
 
 def write_chart(path: str, doc: dict) -> str | None:

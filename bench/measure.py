@@ -7,7 +7,9 @@ Each method runs ``true`` in the same containers, round-robin:
 * nsenter   - ``nsenter -t INITPID -a true`` (namespaces only: it does not join
   the container's cgroups, so it does less than the others);
 * floor     - posix_spawn + waitpid of /bin/true from a process already inside the
-  container (see :mod:`bench.floor`): what no exec mechanism can beat.
+  container (see :mod:`bench.floor`): what no exec mechanism can beat;
+* zmq ping  - warmexec's ``ping`` request: the ZeroMQ round trip alone (client and
+  supervisor, their I/O threads), no exec; what any ZeroMQ client pays on top of an exec.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from warmexec.protocol.client import Client
 from warmexec.protocol.errors import UNREACHABLE, WarmexecError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("warmexec", "runc exec", "nsenter", "floor")
+METHODS = ("warmexec", "runc exec", "nsenter", "floor", "zmq ping")
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 WARMEXEC_INFLIGHT = (1, 8, 32, 128)
 FLOOR_PARALLEL = (1, os.cpu_count() or 1)  # spawn+wait loops running side by side
@@ -116,6 +118,7 @@ def measure_latency(box: RuncBox, client: Client, cids: list[str], c: Counts,
                                   lambda cid: subprocess_once("runc exec", runc_cmd(box, cid), failures))
     out["nsenter"] = timed_loop(cids, c.slow, c.warmup,
                                 lambda cid: subprocess_once("nsenter", nsenter(cid), failures))
+    out["zmq ping"] = timed_loop(cids, c.fast, c.warmup, lambda _cid: client.ping(REPLY_TIMEOUT))
     return {m: out[m] for m in METHODS}
 
 

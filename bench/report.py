@@ -29,11 +29,13 @@ def print_latency(summary: dict[str, dict], containers: int) -> None:
     for method, r in summary.items():
         print(f"{method:<10} {r['n']:>6} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} "
               f"{r['p99.9_ms']:>8.3f} {_ratio(r['p50_vs_runc']):>9} {_ratio(r['p50_vs_floor']):>10}")
-    print("(nsenter joins namespaces only, not cgroups; floor = posix_spawn+waitpid from inside)")
+    print("(nsenter joins namespaces only, not cgroups; floor = posix_spawn+waitpid from inside;")
+    print(" zmq ping = warmexec's ping request: the ZeroMQ round trip alone, no exec)")
 
 
-def print_throughput(rows: list[dict]) -> None:
-    print("\nthroughput of `true` (warmexec: one client, pipelined; runc exec: parallel subprocesses)")
+def print_throughput(rows: list[dict], containers: int | None) -> None:
+    print(f"\nthroughput of `true` over {containers} containers (warmexec: one client, pipelined; "
+          "floor: spawn loops side by side; runc exec: parallel subprocesses)")
     print("{:<10} {:>9} {:>7} {:>9} {:>10}".format("method", "in flight", "execs", "seconds", "execs/s"))
     for r in rows:
         if r.get("skipped"):
@@ -95,7 +97,7 @@ def print_warmup(warm: dict) -> None:
 
 def print_report(doc: dict, failures: Failures) -> None:
     print_latency(doc["latency"], doc["containers"])
-    print_throughput(doc["throughput"])
+    print_throughput(doc["throughput"], doc.get("tput_containers"))
     print_cpu(doc["cpu"])
     if doc.get("scale"):
         print_scale(doc["scale"])
