@@ -129,8 +129,8 @@ def measure_small(args: argparse.Namespace, box: RuncBox, workdir: str, c: Count
                 raise BenchError(f"{exc}; containers: {client.list()}") from None
         t0 = time.monotonic()
         samples = measure_latency(box, client, cids, c, failures)
-        out["throughput"] = measure_throughput(box, client, all_cids[:args.tput_containers], c,
-                                               args.quick, failures)
+        out["throughput"] = measure_throughput(box, client, sup.proc.pid, all_cids[:args.tput_containers],
+                                               c, args.quick, failures)
         out["cpu"] = measure_cpu(box, client, sup.proc.pid, cids, c.cpu, c.cpu_runc, failures)
         out["warmup"] = measure_warmup(box, client, c.warm_containers, failures)
         out["seconds"] = round(time.monotonic() - t0, 1)

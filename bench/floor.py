@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -80,6 +81,12 @@ def measure(n: int) -> tuple[list[int], int]:
     return samples, failures
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and the children it reaped (the measured commands)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", required=True, help="runc state root")
@@ -99,11 +106,11 @@ def main() -> int:
         sys.stdout.write("ready\n")
         sys.stdout.flush()
         sys.stdin.readline()
-    t0 = time.perf_counter_ns()
+    cpu0, t0 = _cpu(), time.perf_counter_ns()
     samples, failures = measure(args.n)
-    elapsed = time.perf_counter_ns() - t0
+    elapsed, cpu = time.perf_counter_ns() - t0, _cpu() - cpu0
     sys.stdout.write(json.dumps({"samples_ns": samples, "failures": failures + warm_failures,
-                                 "checks": checks, "elapsed_ns": elapsed}))
+                                 "checks": checks, "elapsed_ns": elapsed, "cpu_s": cpu}))
     sys.stdout.flush()
     return 0
 

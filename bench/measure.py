@@ -175,9 +175,11 @@ def runc_parallel(box: RuncBox, cids: list[str], k: int, total: int, failures: F
     return time.perf_counter() - t0
 
 
-def floor_parallel(box: RuncBox, cids: list[str], k: int, total: int, failures: Failures) -> float:
-    """Seconds for total spawn+wait of /bin/true by k bench.floor processes, each in its
-    own container, started together: what the kernel alone allows on these cores."""
+def floor_parallel(box: RuncBox, cids: list[str], k: int, total: int,
+                   failures: Failures) -> tuple[float, float]:
+    """(seconds, CPU seconds) for total spawn+wait of /bin/true by k bench.floor
+    processes, each in its own container, started together: what the kernel alone
+    allows on these cores, and what it costs (the floors and their commands)."""
     per = [total // k + (i < total % k) for i in range(k)]
     procs = [subprocess.Popen([sys.executable, "-m", "bench.floor", "--root", box.root, "--container",
                                cids[i % len(cids)], "-n", str(per[i]), "--warmup", "20", "--barrier"],
@@ -199,25 +201,42 @@ def floor_parallel(box: RuncBox, cids: list[str], k: int, total: int, failures: 
     for r in results:
         for _ in range(r["failures"]):
             failures.add("floor", "/bin/true exited non-zero")
-    return max(r["elapsed_ns"] for r in results) / 1e9
+    return max(r["elapsed_ns"] for r in results) / 1e9, sum(r["cpu_s"] for r in results)
 
 
-def _row(method: str, k: int, execs: int, secs: float) -> dict:
-    return {"method": method, "inflight": k, "execs": execs, "seconds": round(secs, 4),
-            "execs_per_s": round(execs / secs, 1)}
+def _row(method: str, k: int, execs: int, secs: float, cpu: dict[str, float] | None = None) -> dict:
+    """One point; cpu: CPU seconds by part over the point (its total per exec is kept)."""
+    row = {"method": method, "inflight": k, "execs": execs, "seconds": round(secs, 4),
+           "execs_per_s": round(execs / secs, 1)}
+    if cpu is not None:
+        row["cpu_ms_per_exec"] = round(sum(cpu.values()) * 1e3 / execs, 3)
+        row["cpu_ms_per_exec_by_part"] = {k: round(v * 1e3 / execs, 3) for k, v in cpu.items()}
+    return row
 
 
-def measure_throughput(box: RuncBox, client: Client, cids: list[str], c: Counts, quick: bool,
-                       failures: Failures) -> list[dict]:
+def warmexec_point(client: Client, sup_pid: int, cids: list[str], k: int, total: int,
+                   failures: Failures) -> dict:
+    """A warmexec throughput point, with the CPU of every part spent on it."""
+    from bench import resources  # (it imports this module)
+    procs = resources.tree(sup_pid)
+    before, client0 = resources.cpu_snapshot(procs), resources.self_cpu()
+    secs = warmexec_pipelined(client, cids, k, total, failures)
+    by_part, _ = resources.cpu_delta(before, resources.cpu_snapshot(procs))
+    by_part["client"] = resources.self_cpu() - client0
+    return _row("warmexec", k, total, secs, by_part)
+
+
+def measure_throughput(box: RuncBox, client: Client, sup_pid: int, cids: list[str], c: Counts,
+                       quick: bool, failures: Failures) -> list[dict]:
     """Execs/s as concurrency grows: where warmexec's single-threaded supervisor and
     runc's per-exec process start-up each stop scaling on this machine, beside the
     floor's own rate with one spawn+wait loop per CPU (the kernel's ceiling here). A runc exec
     point that the previous point's rate predicts to run over RUNC_POINT_BUDGET is
     left out (listed with "skipped")."""
-    rows = [_row("warmexec", k, c.tput, warmexec_pipelined(client, cids, k, c.tput, failures))
-            for k in WARMEXEC_INFLIGHT]
+    rows = [warmexec_point(client, sup_pid, cids, k, c.tput, failures) for k in WARMEXEC_INFLIGHT]
     for k in FLOOR_PARALLEL:
-        rows.append(_row("floor", k, c.tput, floor_parallel(box, cids, k, c.tput, failures)))
+        secs, cpu = floor_parallel(box, cids, k, c.tput, failures)
+        rows.append(_row("floor", k, c.tput, secs, {"floor and commands": cpu}))
     rate = None
     for k in RUNC_INFLIGHT if quick else RUNC_INFLIGHT_FULL:
         if rate and c.tput_runc / rate > RUNC_POINT_BUDGET:

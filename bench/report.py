@@ -36,13 +36,16 @@ def print_latency(summary: dict[str, dict], containers: int) -> None:
 def print_throughput(rows: list[dict], containers: int | None) -> None:
     print(f"\nthroughput of `true` over {containers} containers (warmexec: one client, pipelined; "
           "floor: spawn loops side by side; runc exec: parallel subprocesses)")
-    print("{:<10} {:>9} {:>7} {:>9} {:>10}".format("method", "in flight", "execs", "seconds", "execs/s"))
+    print("{:<10} {:>9} {:>7} {:>9} {:>10} {:>11}  {}".format(
+        "method", "in flight", "execs", "seconds", "execs/s", "CPU ms/exec", "by part"))
     for r in rows:
         if r.get("skipped"):
             print(f"{r['method']:<10} {r['inflight']:>9}  skipped: predicted over the time budget")
             continue
+        parts = r.get("cpu_ms_per_exec_by_part") or {}
+        by_part = ", ".join(f"{k} {v:.3f}" for k, v in parts.items()) if len(parts) > 1 else ""
         print(f"{r['method']:<10} {r['inflight']:>9} {r['execs']:>7} {r['seconds']:>9.3f} "
-              f"{r['execs_per_s']:>10.1f}")
+              f"{r['execs_per_s']:>10.1f} {_num(r.get('cpu_ms_per_exec'), '.3f'):>11}  {by_part}")
 
 
 def print_cpu(cpu: dict) -> None:

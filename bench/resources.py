@@ -113,7 +113,7 @@ def cpu_delta(before: dict, after: dict) -> tuple[dict[str, float], int]:
     return out, lost
 
 
-def _self_cpu() -> float:
+def self_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
 
@@ -135,9 +135,9 @@ def _batch(n: int, cids: list[str], once: Callable[[str], None]) -> float:
 def warmexec_cpu(client: Client, sup_pid: int, cids: list[str], n: int, failures: Failures) -> dict:
     """CPU of n sequential execs of `true` (workers already warm), per 1000 execs."""
     procs = tree(sup_pid)
-    before, self0 = cpu_snapshot(procs), _self_cpu()
+    before, self0 = cpu_snapshot(procs), self_cpu()
     wall = _batch(n, cids, lambda cid: warmexec_once(client, cid, failures))
-    client_s, (by_role, lost) = _self_cpu() - self0, cpu_delta(before, cpu_snapshot(procs))
+    client_s, (by_role, lost) = self_cpu() - self0, cpu_delta(before, cpu_snapshot(procs))
     per = 1000.0 / n
     return {"execs": n, "wall_s": round(wall, 3), "processes": sum(map(len, procs.values())),
             "vanished": lost, "cpu_per_1000_s": round(sum(by_role.values()) * per, 3),
@@ -147,9 +147,9 @@ def warmexec_cpu(client: Client, sup_pid: int, cids: list[str], n: int, failures
 
 def runc_cpu(box: RuncBox, cids: list[str], n: int, failures: Failures) -> dict:
     """CPU of n sequential `runc exec ... true` (runc and all it reaped), per 1000."""
-    kids0, self0 = _children_cpu(), _self_cpu()
+    kids0, self0 = _children_cpu(), self_cpu()
     wall = _batch(n, cids, lambda cid: subprocess_once("runc exec", runc_cmd(box, cid), failures))
-    kids, client_s = _children_cpu() - kids0, _self_cpu() - self0
+    kids, client_s = _children_cpu() - kids0, self_cpu() - self0
     per = 1000.0 / n
     return {"execs": n, "wall_s": round(wall, 3), "cpu_per_1000_s": round(kids * per, 3),
             "client_per_1000_s": round(client_s * per, 3)}

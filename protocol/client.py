@@ -48,7 +48,8 @@ class Client:
             self.sock.curve_serverkey, _ = zmq.auth.load_certificate(server_key)
             self.sock.curve_publickey, self.sock.curve_secretkey = zmq.auth.load_certificate(client_key)
         self.sock.connect(endpoint or default_endpoint())
-        self._rcvtimeo = -1  # the socket's receive timeout, in ms (-1: none yet)
+        self._poller = zmq.Poller()  # one for the client's life, not one per reply
+        self._poller.register(self.sock, zmq.POLLIN)
         self._ids = itertools.count(1)
         self._replies: dict[Any, dict] = {}
         self._pending: set[Any] = set()  # submitted, reply not yet taken or given up
@@ -111,12 +112,12 @@ class Client:
 
     # ---- receiving ---------------------------------------------------------------
     def _recv(self, wait: float) -> dict | None:
-        ms = int(wait * 1000)
-        if ms != self._rcvtimeo:  # a blocking recv with a timeout: no poller per reply
-            self.sock.setsockopt(zmq.RCVTIMEO, ms)
-            self._rcvtimeo = ms
+        # A poller, not a receive timeout: pyzmq restarts a timed-out recv interrupted by
+        # a signal with its whole timeout, a poll with what is left of it.
+        if not self._poller.poll(int(wait * 1000)):
+            return None
         try:
-            data = self.sock.recv()
+            data = self.sock.recv(zmq.NOBLOCK)
         except zmq.Again:
             return None
         msg = codec.unpack_map(data)

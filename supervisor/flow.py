@@ -6,9 +6,11 @@ Path of one exec (docs/ARCHITECTURE.md draws it)::
            -> send_spawn -> "started" (pid known: start hooks, spawn latency)
                          -> "exited"  (wait status: reply, exit hooks, metrics)
 
-"started" comes at once only when start hooks or the event stream want it; otherwise
-the worker sends it for commands still running after a moment (worker.spawner's
-ANNOUNCE_AFTER), and a quicker command's "exited" carries its pid and start time.
+"started" comes at once only when start hooks or the event stream want it, or when
+the container shares our pid namespace (the zygote then cannot tell a dead worker's
+commands from their daemons: the supervisor kills those by pid); otherwise the worker
+sends it for commands still running after a moment (worker.spawner's ANNOUNCE_AFTER),
+and a quicker command's "exited" carries its pid and start time.
 
 Every exec ends in exactly one reply through ``finish``; every way a part can die
 (worker, container, timeout) ends there too, with a stable error code.
@@ -140,7 +142,8 @@ class ExecFlow:
         try:
             ipc.send(sp.sock, {"op": "spawn", "id": ex.exec_id, "argv": req.argv, "env": req.env,
                                "cwd": req.cwd, "capture": req.capture,
-                               "announce": self.wants_starts()}, stdin)
+                               "announce": self.wants_starts() or "pid" not in rt.info.namespaces},
+                     stdin)
         except OSError as exc:
             ex.close()
             return self.fail(ex, errors.WORKER_LOST, f"worker unreachable: {exc.strerror}")

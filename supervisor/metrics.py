@@ -101,8 +101,8 @@ class Metrics:
     def _of(self, container: str) -> tuple[Any, Any, dict[int, Any]]:
         series = self._series.get(container)
         if series is None:
-            c = self._c(container)
-            series = self._series[container] = (self.spawn.labels(*c), self.duration.labels(*c), {})
+            series = self._series[container] = (_child(self.spawn, self._c(container)),
+                                                _child(self.duration, self._c(container)), {})
         return series
 
     # ---- called from the event loop ------------------------------------------------
@@ -124,9 +124,9 @@ class Metrics:
         if reply.get("signal"):
             self.signals.labels(_signame(reply["signal"])).inc()
         if reply.get("timed_out"):
-            self.timeouts.labels(*self._c(container)).inc()
+            _child(self.timeouts, self._c(container)).inc()
         if reply.get("oom_killed"):
-            self.oom.labels(*self._c(container)).inc()
+            _child(self.oom, self._c(container)).inc()
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
@@ -167,6 +167,11 @@ class Metrics:
         for metric in (self.duration, self.spawn, self.timeouts, self.oom, self.exits):
             for labels in [k for k in list(metric._metrics) if k[0] == container]:
                 metric.remove(*labels)
+
+
+def _child(metric: Any, labels: tuple[str, ...]) -> Any:
+    """The series for labels; the metric itself when it has none (no container label)."""
+    return metric.labels(*labels) if labels else metric
 
 
 def _signame(sig: int) -> str:

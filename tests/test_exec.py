@@ -75,6 +75,25 @@ def test_starts_nobody_asked_for_travel_with_the_exit(box, container, tmp_path):
         assert sup.stop() == 0
 
 
+def test_metrics_without_the_container_label(box, container, tmp_path):
+    """container_label = false (hosts with thousands of containers): execs that exit,
+    time out and fail are all answered and counted, without a container label."""
+    sup = SupervisorProcess(box.root, str(tmp_path), "container_label = false\n")
+    try:
+        with Client(sup.endpoint) as c:
+            wait_ready(c, container)
+            assert c.exec(container, ["sh", "-c", "exit 3"])["exit_code"] == 3
+            assert c.exec(container, ["sleep", "5"], timeout=0.2)["timed_out"]
+            text = urllib.request.urlopen(f"http://127.0.0.1:{sup.metrics_port}/metrics",
+                                          timeout=5).read().decode()
+            assert 'warmexec_exec_exits_total{code="3"} 1.0' in text
+            assert "warmexec_exec_timeouts_total 1.0" in text
+            assert "warmexec_exec_spawn_seconds_count 2.0" in text
+            assert 'container="' not in text
+    finally:
+        assert sup.stop() == 0
+
+
 def test_stdin_and_output_capture(client, container):
     data = os.urandom(300_000)
     r = client.exec(container, ["cat"], stdin=data, capture=1 << 20)

@@ -80,6 +80,34 @@ def test_zygote_kills_what_a_dead_worker_left_even_unknown_to_the_supervisor(box
         box.delete(cid)
 
 
+def test_a_host_pid_namespace_container_keeps_its_daemons_when_a_worker_dies(box, client):
+    """In a container sharing the host's pid namespace a command's orphans come to the
+    zygote (the nearest subreaper), not to a container init: a worker's death must not
+    take them, while the dead worker's own command still dies (by the supervisor)."""
+    cfg = box.config()
+    cfg["linux"]["namespaces"] = [ns for ns in cfg["linux"]["namespaces"] if ns["type"] != "pid"]
+    cid = box.run("hostpid", cfg)
+    try:
+        row = wait_ready(client, cid)
+        client.exec(cid, ["sh", "-c", "setsid sleep 1006 >/dev/null 2>&1 &"])  # a daemon
+        rid = client.submit("exec", container=cid, argv=["sleep", "1007"])
+        def pids(name):
+            out = subprocess.run(["pgrep", "-f", name], capture_output=True, text=True).stdout
+            return [int(p) for p in out.split()]
+        wait_for(lambda: pids("sleep 1006") and pids("sleep 1007"), 10, "both sleeps to run")
+        daemon = pids("sleep 1006")[0]
+        os.kill(row["worker_pid"], signal.SIGKILL)
+        with pytest.raises(WarmexecError) as e:
+            client.result(rid, timeout=5)
+        assert e.value.code == errors.WORKER_LOST
+        wait_for(lambda: not pids("sleep 1007"), 5, "the lost exec to be killed")
+        wait_ready(client, cid)
+        assert _alive(daemon), "the zygote killed a daemon a command had left behind"
+        os.kill(daemon, signal.SIGKILL)
+    finally:
+        box.delete(cid)
+
+
 def test_container_dies_mid_exec_and_comes_back(box, client):
     cid = box.run("dies")
     wait_ready(client, cid)

@@ -150,10 +150,13 @@ def load(profile: dict) -> None:
         _check(_lib.seccomp_load(ctx), "load")
     finally:
         _lib.seccomp_release(ctx)
-        # Building the filter took libseccomp a few MiB of heap, now free but still
-        # resident and private to this worker for its whole life: give it back.
-        if _malloc_trim is not None:
-            _malloc_trim(0)
+    # Building the filter took libseccomp a few MiB of heap, now free but still resident
+    # and private to this worker for its whole life: give it back (madvise), unless the
+    # filter just loaded might kill us for it (a denied call is otherwise an error that
+    # malloc_trim shrugs off).
+    if _malloc_trim is not None and (default in (SCMP_ACT_ALLOW, SCMP_ACT_LOG)
+                                     or default & 0xFFFF0000 == _errno_action(0)):
+        _malloc_trim(0)
 
 
 def _add_rules(ctx: int, profile: dict, default: int) -> list[int]:

@@ -18,8 +18,9 @@ warmexec's own objects, which every worker touches (and so copies page by page),
 then allocated together rather than scattered among the standard library's.
 
 It is also its workers' subreaper: when a worker dies, the commands it had started
-become the zygote's children (not init's), and the zygote kills their process groups,
-whether or not the supervisor had heard of them yet; a lost exec leaves nothing running.
+become the zygote's children (not init's), and the zygote kills the process groups of
+those in a container's own pid namespace, whether or not the supervisor had heard of
+them yet (a worker reports a quick command's pid only with its exit).
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ def main(supervisor_pid: int, fd: int) -> None:
     poll.register(sock, select.POLLIN)
     poll.register(wake_r, select.POLLIN)
     gc.collect()
-    fill_pools()
+    try:
+        fill_pools()
+    except Exception:  # noqa: BLE001 - a memory layout nicety: never a reason not to start
+        pass
     gc.freeze()
     me = os.getpid()
     workers: set[int] = set()
@@ -174,11 +178,27 @@ def reap(workers: set[int]) -> None:
             workers.discard(pid)
             lost = True
     if lost:
+        ours = _pid_ns("self")
         for pid in children() - workers:
+            # Only a command that a dead worker started in a container's own pid
+            # namespace: the kernel hands a command's own orphans to the container's
+            # init, so nothing else of a container's can be here. In a container that
+            # shares our pid namespace, what its commands leave behind (daemons) comes
+            # to us too: those are left alone, and the supervisor, which is told every
+            # such exec's pid at once, kills what a dead worker leaves.
+            if _pid_ns(str(pid)) in (ours, None):
+                continue
             try:
                 os.killpg(pid, signal.SIGKILL)  # each command leads its own session
             except (ProcessLookupError, PermissionError):
                 pass  # an unreaped child's group id cannot have been reused
+
+
+def _pid_ns(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
 
 
 def children() -> set[int]:
