@@ -24,8 +24,20 @@ MAX_FDS = 8
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+
 def socketpair() -> tuple[socket.socket, socket.socket]:
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    """A SEQPACKET pair whose datagrams may be as large as any message (a datagram must
+    fit the sender's buffer, 208 KiB by default): an exec's argv and env may be MiBs.
+    The buffer is a limit, not an allocation."""
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for sock in pair:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, MAX_IPC)  # past wmem_max: root
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_IPC)  # up to wmem_max
+    return pair
 
 
 def send(sock: socket.socket, msg: dict, fds: Sequence[int] = ()) -> None:
@@ -62,6 +74,8 @@ def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
         except ConnectionResetError:
             return None, []
     data = buf[:n]
+    if n > 65536:  # a rare large message: do not keep its pages resident for good
+        buf.madvise(mmap.MADV_DONTNEED, 0, n)
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -94,6 +94,14 @@ def test_metrics_without_the_container_label(box, container, tmp_path):
         assert sup.stop() == 0
 
 
+def test_large_argv_and_env_reach_the_command(client, container):
+    """Well past a socketpair's default datagram limit (208 KiB), within execve's."""
+    env = {f"BIG{i}": str(i) * 100_000 for i in range(3)}
+    r = client.exec(container, ["sh", "-c", 'echo ${#BIG0} ${#BIG2} $#', "sh", *["x" * 50_000] * 3],
+                    env=env)
+    assert r["exit_code"] == 0 and r["stdout"] == b"100000 100000 3\n"
+
+
 def test_stdin_and_output_capture(client, container):
     data = os.urandom(300_000)
     r = client.exec(container, ["cat"], stdin=data, capture=1 << 20)
