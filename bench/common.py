@@ -53,7 +53,8 @@ class Failures:
 
 
 def start_supervisor(root: str, workdir: str) -> SupervisorProcess:
-    """`warmexec serve` on one runc root, quiet (WARNING), no metrics endpoint."""
+    """`warmexec serve` on one runc root, quiet (WARNING). Metrics are recorded as always;
+    only their HTTP endpoint is left off, as nothing scrapes it here."""
     os.makedirs(workdir, exist_ok=True)
     try:
         return SupervisorProcess(root, workdir, metrics=False, log_level="WARNING")
