@@ -19,6 +19,8 @@ dropped), so the supervisor handles two small messages per exec and no descripto
 The worker lives in the host's pid namespace: posix_spawn returns the host pid, and
 the pid inside the container comes from the pidfd's fdinfo (NSpid). Children are
 reaped through their pidfds with wait4 (for rusage); nothing else here has children.
+The worker runs under the container's seccomp filter: a profile older than Linux 5.3
+refuses pidfd_open, and then SIGCHLD (through a wakeup pipe) tells of exits instead.
 
 "started" is sent at once when the spawn asks to ``announce`` it (start hooks or event
 subscribers want it); otherwise only for a command still running ANNOUNCE_AFTER later:
@@ -101,12 +103,21 @@ class Spawner:
                        if s not in (_signal.SIGKILL, _signal.SIGSTOP)
                        and _signal.getsignal(s) == _signal.SIG_IGN]
         self.children: dict[int, Child] = {}  # pidfd -> child
+        self.by_pid: dict[int, Child] = {}  # pid -> child, without pidfds
         self.by_id: dict[object, Child] = {}
         self.pipes: dict[int, Output] = {}  # read end -> output
         self.unannounced: dict[object, Child] = {}  # exec id -> child, oldest first
         self.poll = select.poll()
         self.poll.register(sock, select.POLLIN)
         self.poll.register(init_pidfd, select.POLLIN)
+        self.sigchld = -1 if _pidfds_allowed() else self._wake_on_sigchld()
+
+    def _wake_on_sigchld(self) -> int:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        _signal.signal(_signal.SIGCHLD, _ignore)  # a handler, so that it is delivered
+        _signal.set_wakeup_fd(w)
+        self.poll.register(r, select.POLLIN)
+        return r
 
     def run(self) -> None:
         while True:
@@ -128,7 +139,11 @@ class Spawner:
                     if out.read(1 << 20):
                         self.close_output(out)
                 elif fd in self.children:
-                    self.reap(fd)
+                    self.reap(self.children[fd])
+                elif fd == self.sigchld:
+                    os.read(fd, 4096)
+                    for child in list(self.by_pid.values()):
+                        self.reap(child)
             if self.unannounced:
                 self.announce_due()
 
@@ -179,10 +194,14 @@ class Spawner:
             for fd in child_fds[1:]:
                 if fd != 1:
                     os.close(fd)
-        pidfd = os.pidfd_open(pid)
-        child = self.children[pidfd] = self.by_id[exec_id] = Child(
-            pid, pidfd, exec_id, outputs, self.container_pid(pidfd))
-        self.poll.register(pidfd, select.POLLIN)
+        pidfd = os.pidfd_open(pid) if self.sigchld < 0 else -1
+        child = self.by_id[exec_id] = Child(pid, pidfd, exec_id, outputs,
+                                            self.container_pid(pidfd, pid))
+        if pidfd >= 0:
+            self.children[pidfd] = child
+            self.poll.register(pidfd, select.POLLIN)
+        else:
+            self.by_pid[pid] = child
         for out in outputs:
             self.pipes[out.fd] = out
             self.poll.register(out.fd, select.POLLIN)
@@ -212,12 +231,15 @@ class Spawner:
                                             if fd != i],
                               setsid=True, setsigdef=self.sigdef, setsigmask=())
 
-    def container_pid(self, pidfd: int) -> int | None:
-        """The child's pid in its own (the container's) pid namespace: NSpid's last field."""
+    def container_pid(self, pidfd: int, pid: int) -> int | None:
+        """The child's pid in its own (the container's) pid namespace: NSpid's last field,
+        from its pidfd's fdinfo, or else its status in the host's procfs (two levels up
+        from our fdinfo directory)."""
         try:
-            fd = os.open(str(pidfd), os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.fdinfo)
+            name = str(pidfd) if pidfd >= 0 else f"../../{pid}/status"
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.fdinfo)
             try:
-                data = os.read(fd, 512)
+                data = os.read(fd, 2048)
             finally:
                 os.close(fd)
             line = data[data.index(b"NSpid:"):].split(b"\n", 1)[0]
@@ -266,12 +288,15 @@ class Spawner:
             os.close(out.fd)
             out.fd = -1
 
-    def reap(self, pidfd: int) -> None:
-        child = self.children[pidfd]
+    def reap(self, child: Child) -> None:
         pid, status, ru = os.wait4(child.pid, os.WNOHANG)
         if pid == 0:
-            return  # a stale event for a reused fd number: this child still runs
-        del self.children[pidfd], self.by_id[child.exec_id]
+            return  # a stale event (a reused fd number, another child's SIGCHLD)
+        del self.by_id[child.exec_id]
+        if child.pidfd >= 0:
+            del self.children[child.pidfd]
+        else:
+            del self.by_pid[child.pid]
         self.unannounced.pop(child.exec_id, None)
         for out in child.outputs:  # all the command wrote is in the pipe by now; a
             if out.fd >= 0:        # lingering grandchild cannot keep us here
@@ -290,10 +315,23 @@ class Spawner:
                              "started_at": child.started_at,
                              "stdout": stdout, "stderr": stderr,
                              "stdout_total": totals[0], "stderr_total": totals[1]})
-        self.poll.unregister(pidfd)  # the reply is on its way: tidy up after it
-        os.close(pidfd)
+        if child.pidfd >= 0:  # the reply is on its way: tidy up after it
+            self.poll.unregister(child.pidfd)
+            os.close(child.pidfd)
         for out in child.outputs:
             self.close_output(out)
+
+
+def _pidfds_allowed() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        return True
+    except OSError:
+        return False
+
+
+def _ignore(*_: object) -> None:
+    pass
 
 
 def _env_dict(env: list[str]) -> dict[str, str]:
