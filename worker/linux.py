@@ -7,6 +7,7 @@ the real errno, so callers can report the kernel's own reason.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 
@@ -50,6 +51,8 @@ PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 _SYS_KEYCTL = {"x86_64": 250, "aarch64": 219, "armv7l": 311, "ppc64le": 311, "s390x": 280}
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277, "armv7l": 383, "ppc64le": 358, "s390x": 348}
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER, SECCOMP_SET_MODE_FILTER = 22, 2, 1
 KEYCTL_JOIN_SESSION_KEYRING = 1
 
 CAP_NUMBERS = {name: i for i, name in enumerate(CAP_NAMES)}
@@ -134,6 +137,27 @@ def cap_mask(names: list[str] | None) -> int:
 
 
 _KEYCTL_NR = _SYS_KEYCTL.get(platform.machine())
+_SECCOMP_NR = _SYS_SECCOMP.get(platform.machine())
+
+
+class _Fprog(ctypes.Structure):  # struct sock_fprog
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_filter(bpf: bytes, flags: int) -> None:
+    """Install a classic-BPF seccomp program (sock_filter array) on the calling thread:
+    seccomp(2) with flags, or prctl(2) where the syscall number is unknown and no flag
+    is needed."""
+    code = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _Fprog(len(bpf) // 8, ctypes.cast(code, ctypes.c_void_p))
+    if _SECCOMP_NR is not None:
+        _check(_syscall(ctypes.c_long(_SECCOMP_NR), ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+                        ctypes.c_long(flags), ctypes.byref(prog)))
+    elif flags:
+        raise OSError(errno.ENOSYS, f"seccomp(2) flags on {platform.machine()}")
+    else:
+        _check(_prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(prog), 0, 0))
+
 
 
 def join_session_keyring(name: str) -> None:

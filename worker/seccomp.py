@@ -10,6 +10,11 @@ that, say, glibc falls back from clone3 to clone as it does under runc).
 
 Where libseccomp is missing, a container with a profile cannot be exec'd into: failing
 closed beats running the command less confined than ``runc exec`` would.
+
+Each distinct profile is compiled once, by a throwaway child of the zygote
+(``precompiled``), and the worker only installs the BPF program: building a filter costs
+libseccomp a few MiB of heap, which would otherwise stay in every worker of a container
+with a profile (and, built in the zygote itself, would unshare pages of every worker).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+
+from . import linux
 
 SCMP_ACT_KILL_PROCESS = 0x80000000
 SCMP_ACT_KILL_THREAD = 0x00000000
@@ -75,7 +82,7 @@ def _load_lib() -> ctypes.CDLL | None:
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
     lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
@@ -92,8 +99,6 @@ def _load_lib() -> ctypes.CDLL | None:
 _lib = _load_lib()
 _libc = ctypes.CDLL(None)
 _free = _libc.free
-# glibc's: hands free heap pages back to the kernel (musl has none: then skipped).
-_malloc_trim = getattr(_libc, "malloc_trim", None)
 # Array types of rule conditions (ctypes makes one per length), made here once.
 _CONDS = [_ArgCmp * n for n in range(1, 7)]
 
@@ -122,14 +127,43 @@ def rule_conditions(args: list[dict]) -> list[list[tuple[int, int, int, int]]]:
     return [conds]
 
 
+_FLAGS = {"SECCOMP_FILTER_FLAG_TSYNC": 1, "SECCOMP_FILTER_FLAG_LOG": 2,
+          "SECCOMP_FILTER_FLAG_SPEC_ALLOW": 4}
+
+
+def precompiled(profile: dict) -> dict:
+    """The profile as the worker loads it: {"bpf", "flags"}, or {"error", "errno"}.
+    Run in a throwaway process (see the zygote): it leaves libseccomp's heap behind."""
+    try:
+        bpf, flags = compile_filter(profile)
+    except OSError as exc:
+        return {"error": str(exc.strerror or exc), "errno": exc.errno or errno.EINVAL}
+    except Exception as exc:  # noqa: BLE001 - a malformed profile is the worker's error to report
+        return {"error": f"seccomp profile: {exc!r}", "errno": errno.EINVAL}
+    return {"bpf": bpf, "flags": flags}
+
+
 def load(profile: dict) -> None:
-    """Build the filter and load it into the calling thread (and its future children)."""
+    """Load the filter into the calling thread (and its future children): the program
+    ``precompiled`` made, or else compiled here."""
+    compiled = (profile["bpf"], profile.get("flags", 0)) if "bpf" in profile else compile_filter(profile)
+    try:
+        linux.seccomp_filter(*compiled)
+    except OSError as exc:
+        raise SeccompError(exc.errno, f"seccomp load: {exc.strerror}") from None
+
+
+def compile_filter(profile: dict) -> tuple[bytes, int]:
+    """(the BPF program, seccomp(2) flags) for an OCI profile, through libseccomp."""
     if _lib is None:
         raise SeccompError(errno.ENOSYS, "the container has a seccomp profile but libseccomp "
                                          "is not installed")
     if "error" in profile:
-        raise SeccompError(errno.EINVAL, profile["error"])
+        raise SeccompError(profile.get("errno", errno.EINVAL), profile["error"])
     default = action(profile.get("defaultAction", "SCMP_ACT_ALLOW"), profile.get("defaultErrnoRet"))
+    flags = 0
+    for flag in profile.get("flags") or ():
+        flags |= _FLAGS.get(flag, 0)
     ctx = _lib.seccomp_init(default)
     if not ctx:
         raise SeccompError(errno.EINVAL, "seccomp_init failed")
@@ -147,16 +181,14 @@ def load(profile: dict) -> None:
         named = _add_rules(ctx, profile, default)
         if default not in (SCMP_ACT_ALLOW, SCMP_ACT_LOG) and named:
             _enosys_above(ctx, max(named))
-        _check(_lib.seccomp_load(ctx), "load")
+        out = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
+        try:
+            _check(_lib.seccomp_export_bpf(ctx, out), "export")
+            return os.pread(out, 1 << 20, 0), flags
+        finally:
+            os.close(out)
     finally:
         _lib.seccomp_release(ctx)
-    # Building the filter took libseccomp a few MiB of heap, now free but still resident
-    # and private to this worker for its whole life: give it back (madvise), unless the
-    # filter just loaded might kill us for it (a denied call is otherwise an error that
-    # malloc_trim shrugs off).
-    if _malloc_trim is not None and (default in (SCMP_ACT_ALLOW, SCMP_ACT_LOG)
-                                     or default & 0xFFFF0000 == _errno_action(0)):
-        _malloc_trim(0)
 
 
 def _add_rules(ctx: int, profile: dict, default: int) -> list[int]:

@@ -29,8 +29,9 @@ import _signal
 import array  # noqa: F401 (imported early: see above)
 import ctypes  # noqa: F401
 import dataclasses  # noqa: F401
-import errno  # noqa: F401
+import errno
 import gc
+import json
 import mmap  # noqa: F401
 import os
 import platform  # noqa: F401
@@ -44,8 +45,8 @@ import time  # noqa: F401
 
 import msgpack  # noqa: F401
 
-from ..protocol import ipc
-from . import linux
+from ..protocol import codec, ipc
+from . import linux, seccomp
 from .worker import worker_main
 
 
@@ -129,8 +130,46 @@ def fill_pools() -> None:
             _FILLER.append([bytes((size_class + 1) * 16 - 33) for _ in range(n)])
 
 
+_FILTERS: dict[str, dict] = {}  # seccomp profile (as JSON) -> what the worker loads
+MAX_FILTERS = 64
+
+
+def compiled_filter(profile: dict) -> dict:
+    """The profile compiled to BPF by a throwaway child (its heap, not ours: pages we
+    write stop being shared with every worker), once per distinct profile."""
+    key = json.dumps(profile, sort_keys=True)
+    if key not in _FILTERS:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                data = codec.pack(seccomp.precompiled(profile))
+                while data:
+                    data = data[os.write(w, data):]
+            finally:
+                os._exit(0)
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 65536):
+            chunks.append(chunk)
+        os.close(r)
+        os.waitpid(pid, 0)
+        try:
+            result = codec.unpack_map(b"".join(chunks))
+        except codec.ProtocolError:
+            result = {"error": "seccomp profile: the compiler died", "errno": errno.EINVAL}
+        if len(_FILTERS) >= MAX_FILTERS:
+            _FILTERS.clear()
+        _FILTERS[key] = result
+    return _FILTERS[key]
+
+
 def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int]) -> int:
     """Fork a worker for msg; its pid, 0 if fork failed."""
+    process = (msg.get("spec") or {}).get("process") or {}
+    if process.get("seccomp"):
+        process["seccomp"] = compiled_filter(process["seccomp"])
     ours, theirs = ipc.socketpair()
     try:
         pid = os.fork()
