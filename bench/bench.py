@@ -6,8 +6,10 @@
 One run, one ``warmexec serve`` subprocess per part, busybox containers under private
 runc roots (see :mod:`bench.runcbox`):
 
-1. latency of ``true`` one exec at a time, K containers round-robin: warmexec, runc
-   exec, nsenter and the in-namespace floor (:mod:`bench.measure`);
+1. latency of ``true`` one exec at a time, K containers round-robin: warmexec and the
+   in-namespace floor taking turns 50 execs at a time (so that the machine's drift
+   weighs on both alike), then runc exec, nsenter and a bare ZeroMQ round trip
+   (:mod:`bench.measure`);
 2. throughput over T containers (8): warmexec with 1, 8, 32 and 128 in flight, the floor
    with one and one-per-CPU spawn loops, runc exec with 1 and 8
    parallel subprocesses (and 32 in a full run);

@@ -87,6 +87,19 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def serve_batches(checks: dict, failures: int) -> int:
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        samples, failed = measure(int(line))
+        failures += failed
+        sys.stdout.write(json.dumps({"samples_ns": samples}) + "\n")
+        sys.stdout.flush()
+    sys.stdout.write(json.dumps({"failures": failures, "checks": checks}) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", required=True, help="runc state root")
@@ -96,12 +109,18 @@ def main() -> int:
     p.add_argument("--barrier", action="store_true",
                    help='after the warm-up, print "ready" and start timing on a line from stdin '
                         "(so parallel floors start together, for throughput)")
+    p.add_argument("--batches", action="store_true",
+                   help='after the warm-up, print "ready"; then for each line N on stdin time N '
+                        "execs and print their samples as a JSON line; at the end of stdin, the "
+                        "failures and checks (so the bench can interleave the floor with warmexec)")
     args = p.parse_args()
     procfd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the host's
     spec = enter(args.root, args.container)
     # From here on paths resolve in the container: no imports, no host paths.
     checks = check_joined(procfd, spec["init_pid"])
     _, warm_failures = measure(args.warmup)
+    if args.batches:
+        return serve_batches(checks, warm_failures)
     if args.barrier:
         sys.stdout.write("ready\n")
         sys.stdout.flush()

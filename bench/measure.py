@@ -81,39 +81,80 @@ def timed_loop(cids: list[str], n: int, warmup: int, once: Callable[[str], None]
     return samples
 
 
-def floor_latency(box: RuncBox, cids: list[str], n: int, warmup: int, failures: Failures) -> list[int]:
-    """bench.floor in each container in turn, n split between them.
+BATCH = 50  # execs per turn when the floor and warmexec take turns
 
-    A subprocess, since joining a mount namespace needs a single-threaded process.
-    Its own checks (namespaces and cgroups of the spawned children vs the init's)
-    must all hold, or the samples would not be of the container at all.
-    """
-    samples: list[int] = []
-    per = [n // len(cids) + (i < n % len(cids)) for i in range(len(cids))]
-    for cid, count in zip(cids, per):
-        cmd = [sys.executable, "-m", "bench.floor", "--root", box.root, "--container", cid,
-               "-n", str(count), "--warmup", str(warmup)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        if proc.returncode != 0:
-            raise BenchError(f"bench.floor in {cid} failed ({proc.returncode}): {proc.stderr.strip()}")
-        result = json.loads(proc.stdout)
+
+class FloorProcess:
+    """bench.floor --batches joined to one container: timed spawn+wait batches on demand.
+
+    A subprocess, since joining a mount namespace needs a single-threaded process. Its
+    own checks (namespaces and cgroups of the spawned children vs the init's) must all
+    hold, or the samples would not be of the container at all."""
+
+    def __init__(self, box: RuncBox, cid: str, warmup: int) -> None:
+        self.cid = cid
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.floor", "--root", box.root, "--container", cid,
+             "--warmup", str(warmup), "--batches"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.proc.kill()
+            raise BenchError(f"bench.floor in {cid} failed: {self.proc.communicate()[1].strip()}")
+
+    def batch(self, n: int) -> list[int]:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["samples_ns"]
+
+    def close(self, failures: Failures) -> None:
+        out, err = self.proc.communicate(timeout=60)
+        if self.proc.returncode != 0:
+            raise BenchError(f"bench.floor in {self.cid} failed ({self.proc.returncode}): {err.strip()}")
+        result = json.loads(out.strip().splitlines()[-1])
         for _ in range(result["failures"]):
-            failures.add("floor", f"{cid}: /bin/true exited non-zero")
+            failures.add("floor", f"{self.cid}: /bin/true exited non-zero")
         wrong = [k for k, ok in result["checks"].items() if not ok]
         if wrong:
-            raise BenchError(f"bench.floor in {cid} is not inside the container: {wrong} differ")
-        samples += result["samples_ns"]
-    return samples
+            raise BenchError(f"bench.floor in {self.cid} is not inside the container: {wrong} differ")
+
+
+def warmexec_and_floor(box: RuncBox, client: Client, cids: list[str], n: int, warmup: int,
+                       failures: Failures) -> tuple[list[int], list[int]]:
+    """n samples of each, taking turns BATCH execs at a time, so that a machine that
+    drifts faster or slower during the run weighs on both alike. warmexec goes
+    round-robin over cids exec by exec; each floor batch runs in the next container."""
+    floors: dict[str, FloorProcess] = {}
+    try:
+        for cid in cids:
+            floors[cid] = FloorProcess(box, cid, warmup)
+        for i in range(warmup):
+            warmexec_once(client, cids[i % len(cids)], failures)
+        we: list[int] = []
+        floor: list[int] = []
+        turn = 0
+        while len(we) < n:
+            k = min(BATCH, n - len(we))
+            floor += floors[cids[turn % len(cids)]].batch(k)
+            for _ in range(k):
+                cid = cids[len(we) % len(cids)]
+                t0 = time.perf_counter_ns()
+                warmexec_once(client, cid, failures)
+                we.append(time.perf_counter_ns() - t0)
+            turn += 1
+    finally:
+        for f in floors.values():
+            f.close(failures)
+    return we, floor
 
 
 def measure_latency(box: RuncBox, client: Client, cids: list[str], c: Counts,
                     failures: Failures) -> dict[str, list[int]]:
-    """All four methods, one after the other, on the same containers. Floor first:
-    it needs no supervisor, and it is the reference the others are read against."""
+    """All methods on the same containers: warmexec and the floor taking turns (the
+    ratio the targets are about), then runc exec, nsenter and the bare ZeroMQ round trip."""
     pids = {cid: box.init_pid(cid) for cid in cids}
     nsenter = lambda cid: ["nsenter", "-t", str(pids[cid]), "-a", "true"]
-    out = {"floor": floor_latency(box, cids, c.fast, c.warmup, failures)}
-    out["warmexec"] = timed_loop(cids, c.fast, c.warmup, lambda cid: warmexec_once(client, cid, failures))
+    out: dict[str, list[int]] = {}
+    out["warmexec"], out["floor"] = warmexec_and_floor(box, client, cids, c.fast, c.warmup, failures)
     out["runc exec"] = timed_loop(cids, c.slow, c.warmup,
                                   lambda cid: subprocess_once("runc exec", runc_cmd(box, cid), failures))
     out["nsenter"] = timed_loop(cids, c.slow, c.warmup,
