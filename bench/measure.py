@@ -42,10 +42,15 @@ REPLY_TIMEOUT = 30.0  # seconds: an exec not answered by then is a failure, not 
 # ---- one exec --------------------------------------------------------------------
 
 def warmexec_once(client: Client, cid: str, failures: Failures) -> None:
-    """One exec through warmexec (what Client.exec does, with a deadline on the reply);
-    a dead supervisor ends the bench, not one sample."""
+    """One exec through warmexec (what Client.exec does, with a deadline on the reply)."""
+    collect(client, client.submit("exec", container=cid, argv=["true"]), cid, failures)
+
+
+def collect(client: Client, req_id: int, cid: str, failures: Failures) -> None:
+    """The reply to one exec of `true`: a failure is counted, a dead supervisor ends the
+    bench (not one sample)."""
     try:
-        reply = client.result(client.submit("exec", container=cid, argv=["true"]), REPLY_TIMEOUT)
+        reply = client.result(req_id, REPLY_TIMEOUT)
     except WarmexecError as exc:
         if exc.code == UNREACHABLE:
             raise BenchError(f"warmexec: {exc}") from None
@@ -194,16 +199,7 @@ def warmexec_pipelined(client: Client, cids: list[str], k: int, total: int, fail
             cid = cids[sent % len(cids)]
             pending.append((client.submit("exec", container=cid, argv=["true"]), cid))
             sent += 1
-        req_id, cid = pending.popleft()
-        try:
-            reply = client.result(req_id, REPLY_TIMEOUT)
-        except WarmexecError as exc:
-            if exc.code == UNREACHABLE:
-                raise BenchError(f"warmexec: {exc}") from None
-            failures.add("warmexec", f"{cid}: {exc}")
-            continue
-        if reply["exit_code"] != 0:
-            failures.add("warmexec", f"{cid}: exit code {reply['exit_code']}")
+        collect(client, *pending.popleft(), failures)
     return time.perf_counter() - t0
 
 
