@@ -28,7 +28,7 @@ import sys
 import time
 
 from warmexec.supervisor import discovery
-from warmexec.worker.worker import join
+from warmexec.worker.join import join
 
 TRUE = "/bin/true"
 

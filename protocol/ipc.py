@@ -1,12 +1,14 @@
-"""Messages between the supervisor and its zygote, workers and spawners.
+"""Messages between the supervisor and its zygote, joiners and workers.
 
 Each message is one msgpack map in one AF_UNIX SOCK_SEQPACKET datagram, optionally
-carrying file descriptors (SCM_RIGHTS): the pipes of an exec going down, a pidfd or
-a spawner's socket coming up. SEQPACKET keeps message boundaries and, unlike a
+carrying file descriptors (SCM_RIGHTS): an exec's stdin pipe going down; a worker's
+socket, a pidfd of a joiner, worker or command coming up. SEQPACKET keeps message boundaries and, unlike a
 path-based socket, keeps working after the worker has joined another mount namespace.
 
 Received descriptors are close-on-exec (MSG_CMSG_CLOEXEC), so nothing received here
-can leak into a process that a worker later executes.
+can leak into a process that a worker later executes. Descriptors that do not fit
+the receiver's fd limit are dropped by the kernel (MSG_CTRUNC): a message that must
+carry one says so in a field, and the receiver checks.
 """
 
 from __future__ import annotations
@@ -46,6 +48,21 @@ def send(sock: socket.socket, msg: dict, fds: Sequence[int] = ()) -> None:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     else:
         sock.send(data)
+
+
+def encode(msg: dict) -> bytes:
+    return pack(msg)
+
+
+def send_nowait(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> bool:
+    """Send one encoded message if the socket takes it now; False if it would block.
+    Other errors (the peer is gone) raise OSError."""
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    try:
+        sock.sendmsg([data], anc, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    return True
 
 
 _buffer: list[mmap.mmap] = []

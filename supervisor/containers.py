@@ -9,12 +9,15 @@ a container whose namespaces cannot be joined from respawning in a hot loop.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
+from ..protocol import ipc
 from .discovery import Container
 from .execs import Exec
 
@@ -49,12 +52,18 @@ DEFAULT = ("", False)
 class Worker:
     """The supervisor's handle on one worker process: one credential profile (user,
     privileged) in one container. The DEFAULT profile's worker is the container's
-    worker of the state machine below; other profiles' come and go on demand."""
+    worker of the state machine below; other profiles' come and go on demand.
+
+    The worker lives inside its container, which can stop, trace or flood it: every
+    message to it goes through a non-blocking outbox bounded in bytes, and the handle
+    keeps a pidfd (the joiner's, then the worker's) to kill it when it is late."""
 
     def __init__(self, key: tuple[str, bool]) -> None:
         self.key = key
         self.sock: socket.socket | None = None
-        self.pid: int | None = None
+        self.pid: int | None = None  # host pid: the joiner's, then the worker's
+        self.pidfd = -1
+        self.outbox: Outbox | None = None
         self.waiting: list[Exec] = []  # until the worker is ready
         self.inflight: dict[int, Exec] = {}
         self.last_used = time.monotonic()
@@ -62,10 +71,81 @@ class Worker:
         self.error = ""  # why it failed to set up, if it said
         self.error_code = ""
 
+    def attach(self, sock: socket.socket, pid: int, pidfd: int) -> None:
+        self.sock, self.outbox = sock, Outbox(sock)
+        self.set_process(pid, pidfd)
+
+    def set_process(self, pid: int, pidfd: int) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+        self.pid, self.pidfd = pid, pidfd
+
+    def kill(self) -> None:
+        """SIGKILL the process behind the handle (the kernel says no once it is gone)."""
+        if self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def state_letter(self) -> str:
+        """The process's state in /proc (R, S, D, T, ...), "" if it is gone."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                return f.read().rsplit(b") ", 1)[1][:1].decode()
+        except (OSError, IndexError, TypeError):
+            return ""
+
     def close(self) -> None:
+        if self.outbox is not None:
+            self.outbox.close()
+            self.outbox = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        self.set_process(self.pid or 0, -1)
+
+
+class Outbox:
+    """Messages to one worker, sent without ever blocking the loop: what the socket
+    cannot take now waits here (with its descriptors) until it turns writable, up to
+    MAX_BYTES; past that the worker is not reading and a new exec is refused."""
+
+    MAX_BYTES = 16 << 20
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.queue: deque[tuple[bytes, list[int]]] = deque()
+        self.bytes = 0
+
+    def full(self) -> bool:
+        return self.bytes >= self.MAX_BYTES
+
+    def send(self, msg: dict, fds: list[int] = ()) -> bool:
+        """Queue msg (taking ownership of fds); True if anything is left waiting."""
+        data = ipc.encode(msg)
+        self.queue.append((data, list(fds)))
+        self.bytes += len(data)
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Send what the socket takes; True if anything is left (wait for EPOLLOUT)."""
+        while self.queue:
+            data, fds = self.queue[0]
+            if not ipc.send_nowait(self.sock, data, fds):
+                return True
+            self.queue.popleft()
+            self.bytes -= len(data)
+            for fd in fds:
+                os.close(fd)
+        return False
+
+    def close(self) -> None:
+        for _, fds in self.queue:
+            for fd in fds:
+                os.close(fd)
+        self.queue.clear()
+        self.bytes = 0
 
 
 class Runtime:
@@ -84,6 +164,7 @@ class Runtime:
         self.waiting: list[Exec] = []  # until the worker is ready
         self.oom_seen = oom_kills(info)
         self.freezer_fds = _freezer_fds(info)
+        self.pid_ns = _pid_ns(info.init_pid)  # where its commands must be
 
     @property
     def name(self) -> str:
@@ -159,3 +240,30 @@ def oom_kills(info: Container) -> int:
             except OSError:
                 continue
     return 0
+
+
+def _pid_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def command_pids(pidfd: int, pid_ns: str | None) -> tuple[int, int] | None:
+    """(host pid, container pid) of the process behind a pidfd a worker sent, from the
+    kernel's own fdinfo; None unless it is a live process of the container's pid
+    namespace (a worker taken over by its container could send any pidfd it holds)."""
+    try:
+        fd = os.open(f"/proc/self/fdinfo/{pidfd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        fields = dict(line.split(b":", 1) for line in data.splitlines() if b":" in line)
+        host_pid, nspid = int(fields[b"Pid"]), fields[b"NSpid"].split()
+        if host_pid <= 0 or pid_ns is None or _pid_ns(host_pid) != pid_ns:
+            return None
+        signal.pidfd_send_signal(pidfd, 0)  # still that process: its pid not reused since
+        return host_pid, int(nspid[-1])
+    except (OSError, KeyError, ValueError, IndexError):
+        return None

@@ -11,6 +11,7 @@ import errno
 import itertools
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -19,12 +20,13 @@ from typing import Any
 from ..protocol import errors, ipc
 from ..protocol.errors import WarmexecError
 from . import discovery
-from .containers import DEFAULT, MAX_FAILURES, Runtime, State, Worker
+from .containers import DEFAULT, MAX_FAILURES, Runtime, State, Worker, oom_kills
 from .flow import ExecFlow, dying
 
 log = logging.getLogger("warmexec")
 
 WORKER_IDLE = 60.0  # workers of other profiles than the container's own, unused this long, go
+WORKER_START_TIMEOUT = 10.0  # seconds from the fork request to a ready worker
 
 
 class ZygoteLost(Exception):
@@ -135,60 +137,89 @@ class Dispatcher(ExecFlow):
 
     # ---- workers: one process per (container, credential profile) -----------------
     def start_worker(self, rt: Runtime, key: tuple[str, bool] = DEFAULT) -> Worker:
-        """Ask the zygote for a worker of rt with the key's (user, privileged) profile."""
+        """Ask the zygote for a worker of rt with the key's (user, privileged) profile;
+        one that is not ready by WORKER_START_TIMEOUT is killed and counts as a failure."""
         if key == DEFAULT and rt.state == State.BACKOFF:
             rt.transition(State.STARTING)
         sp = rt.workers[key] = Worker(key)
         tag = next(self.tags)
         self.forks[tag] = (rt, sp)
         self.zygote.fork(tag, rt.info.spec(), key[0] or None, key[1])
+        self.loop.call_at(time.monotonic() + WORKER_START_TIMEOUT, lambda: self.start_overdue(rt, sp))
         return sp
+
+    def start_overdue(self, rt: Runtime, sp: Worker) -> None:
+        if rt.workers.get(sp.key) is sp and not sp.ready:
+            self.lost(rt, sp, f"not ready within {WORKER_START_TIMEOUT:g}s (state {sp.state_letter() or '?'})")
 
     def on_zygote(self) -> None:
         msg, fds = ipc.recv(self.zygote.sock)
         if msg is None:
             raise ZygoteLost()
         rt, sp = self.forks.pop(msg.get("tag"), (None, None))
-        if rt is None or rt.workers.get(sp.key) is not sp:
+        if rt is None or rt.workers.get(sp.key) is not sp or len(fds) != 2:
             for fd in fds:
                 os.close(fd)  # dropped meanwhile: the worker sees EOF and exits
+            if rt is not None and rt.workers.get(sp.key) is sp:
+                self.lost(rt, sp, f"fork failed: {msg.get('error')}")
             return
-        if not fds:
-            return self.lost(rt, sp, f"fork failed: {msg.get('error')}")
-        sp.sock = socket.socket(fileno=fds[0])
-        sp.pid = msg["pid"]
+        sp.attach(socket.socket(fileno=fds[0]), msg["pid"], fds[1])
         if sp.key == DEFAULT:
             rt.transition(State.JOINING)
-        self.loop.add(fds[0], lambda _m: self.on_worker(rt, sp))
+        self.loop.add(fds[0], lambda mask: self.on_worker(rt, sp, mask))
 
     def zygote_replaced(self, zygote: Any) -> None:
-        """The zygote died: workers it was forking are lost; later ones use the new one."""
+        """The zygote died: workers it was forking are lost; later ones use the new one.
+        Workers already forked live on: they are in their containers, not its children."""
         self.zygote = zygote
         pending, self.forks = self.forks, {}
         for rt, sp in pending.values():
             if rt.workers.get(sp.key) is sp:
                 self.lost(rt, sp, "zygote died")
 
-    def on_worker(self, rt: Runtime, sp: Worker) -> None:
+    def send_to(self, sp: Worker, msg: dict, fds: list[int] = ()) -> None:
+        """Send without blocking; what waits arms EPOLLOUT. Takes ownership of fds."""
+        if sp.outbox.send(msg, fds):
+            self.loop.modify(sp.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
+
+    def on_worker(self, rt: Runtime, sp: Worker, mask: int) -> None:
+        if mask & select.EPOLLOUT:
+            try:
+                if not sp.outbox.flush():
+                    self.loop.modify(sp.sock.fileno(), select.EPOLLIN)
+            except OSError:
+                sp.outbox.close()  # the worker is gone: its EOF follows
+        if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            return
         msg, fds = ipc.recv(sp.sock)
-        for fd in fds:  # workers send no descriptors
-            os.close(fd)
         if msg is None:
             return self.lost(rt, sp, sp.error or "worker exited")
+        try:
+            self.on_worker_message(rt, sp, msg, fds)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
+            # The worker is a process of the container, which may have taken it over.
+            self.lost(rt, sp, f"the worker sent a malformed message ({type(exc).__name__})")
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def on_worker_message(self, rt: Runtime, sp: Worker, msg: dict, fds: list[int]) -> None:
         op = msg.get("op")
-        if op == "ready":
-            self.on_ready(rt, sp)
-        elif op == "fatal":
-            sp.error, sp.error_code = msg.get("message", ""), msg.get("code") or ""
+        if op == "ready" and not sp.ready:
+            self.on_ready(rt, sp, msg, fds)
+        elif op == "fatal" and not sp.ready:
+            sp.error, sp.error_code = str(msg.get("message", ""))[:500], str(msg.get("code") or "")
             # No retry can help a missing privilege or a profile we refuse to apply.
             rt.hopeless |= sp.key == DEFAULT and (msg.get("errno") in (errno.EPERM, errno.EACCES)
                                                   or bool(sp.error_code))
-        elif op == "container_exited":
-            self.remove(rt, "container exited")
-        else:
-            self.on_exec_message(rt, sp, op, msg)
+        elif sp.ready:
+            self.on_exec_message(rt, sp, op, msg, fds)
 
-    def on_ready(self, rt: Runtime, sp: Worker) -> None:
+    def on_ready(self, rt: Runtime, sp: Worker, msg: dict, fds: list[int]) -> None:
+        """The joiner forked the worker: from now on the handle is the worker's."""
+        pid = int(msg["pid"])
+        pidfd = os.dup(fds[0]) if fds else _pidfd_open(pid)
+        sp.set_process(pid, pidfd)
         sp.ready = True
         if sp.key == DEFAULT:
             rt.transition(State.READY)
@@ -202,8 +233,12 @@ class Dispatcher(ExecFlow):
             self.send_spawn(rt, sp, ex)
 
     def lost(self, rt: Runtime, sp: Worker, reason: str) -> None:
-        """A worker is gone (socket closed, or its fork failed)."""
+        """A worker is gone (socket closed, fork failed, late, or misbehaving)."""
         dead = dying(rt)
+        count = oom_kills(rt.info)
+        if not dead and count > rt.oom_seen:
+            reason = f"{reason}; the container's OOM killer killed a process (memory limit)"
+        rt.oom_seen = count
         code = (errors.CONTAINER_EXITED if dead else sp.error_code or errors.WORKER_LOST)
         self.drop_worker(rt, sp, code, f"{rt.name}: {'container exited' if dead else reason}")
         if dead:
@@ -224,11 +259,14 @@ class Dispatcher(ExecFlow):
         self.loop.call_at(rt.retry_at, lambda: rt.state == State.BACKOFF and self.start_worker(rt))
 
     def drop_worker(self, rt: Runtime, sp: Worker, code: str, message: str) -> None:
+        """Let a worker go: killed (it lives in the container, which could keep it from
+        ever reading its EOF), its socket closed, its execs answered."""
         if rt.workers.get(sp.key) is sp:
             del rt.workers[sp.key]
+        sp.kill()
         if sp.sock is not None:
             self.loop.remove(sp.sock.fileno())
-            sp.close()
+        sp.close()
         for ex in [*sp.waiting, *sp.inflight.values()]:
             self.fail(ex, code, message)
         sp.waiting, sp.inflight = [], {}
@@ -245,3 +283,12 @@ class Dispatcher(ExecFlow):
     def close(self) -> None:
         for rt in list(self.containers.values()):
             self.remove(rt, "supervisor stopping")
+
+
+def _pidfd_open(pid: int) -> int:
+    """The worker's pidfd when its joiner could not open one (seccomp): by pid, which is
+    still its own: the zygote, its parent or subreaper, reaps it only after it exits."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return -1

@@ -2,8 +2,8 @@
 
 The worker owns the command's output pipes and sends what it kept (up to
 ``capture`` bytes of each stream) with the exit status, in chunks when it is large;
-so the supervisor handles two small messages per exec and passes a descriptor only
-for stdin, when there is input.
+the supervisor keeps no more than ``capture`` of each whatever the worker sends, and
+passes a descriptor only for stdin, when there is input.
 """
 
 from __future__ import annotations
@@ -87,16 +87,24 @@ class Exec:
             return None if t is None else int((t - self.received) * 1e6)
         return {"queued": us(self.dispatched), "spawn": us(self.started), "total": us(end)}
 
-    def result(self, msg: dict, oom_killed: bool) -> dict:
-        """Fields of the ok reply, from the worker's exit message."""
+    def result(self, msg: dict) -> dict:
+        """Fields of the ok reply, from the worker's exit message (checked: the worker is
+        the container's, and may say anything)."""
         capture = self.req.capture
+        out, err = (bytes(self.output[i]) + _bytes(msg[k]) for i, k in ((0, "stdout"), (1, "stderr")))
         return {
-            **status.decode(msg["status"]),
+            **status.decode(int(msg["status"]) & 0xFFFF),
             "pid": self.pid, "container_pid": self.container_pid,
-            "stdout": bytes(self.output[0]) + msg["stdout"],
-            "stderr": bytes(self.output[1]) + msg["stderr"],
-            "truncated": msg["stdout_total"] > capture or msg["stderr_total"] > capture,
-            "timed_out": self.timed_out, "oom_killed": oom_killed,
-            "rusage": {"utime": msg["utime"], "stime": msg["stime"], "maxrss_kb": msg["maxrss"]},
+            "stdout": out[:capture], "stderr": err[:capture],
+            "truncated": int(msg["stdout_total"]) > capture or int(msg["stderr_total"]) > capture,
+            "timed_out": self.timed_out, "oom_killed": False,
+            "rusage": {"utime": float(msg["utime"]), "stime": float(msg["stime"]),
+                       "maxrss_kb": int(msg["maxrss"])},
             "timings": self.timings(time.monotonic()),
         }
+
+
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError("output must be bytes")
+    return value

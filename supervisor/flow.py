@@ -3,14 +3,13 @@
 Path of one exec (docs/ARCHITECTURE.md draws it)::
 
     submit -> route -> [container's worker READY?] -> [worker for (user, privileged)?]
-           -> send_spawn -> "started" (pid known: start hooks, spawn latency)
+           -> send_spawn -> "started" + pidfd (host pid from the kernel; start hooks;
+                                               "seen" back, so the worker may reap)
                          -> "exited"  (wait status: reply, exit hooks, metrics)
 
-"started" comes at once only when start hooks or the event stream want it, or when
-the container shares our pid namespace (the zygote then cannot tell a dead worker's
-commands from their daemons: the supervisor kills those by pid); otherwise the worker
-sends it for commands still running after a moment (worker.spawner's ANNOUNCE_AFTER),
-and a quicker command's "exited" carries its pid and start time.
+The worker is a process of its container and may be the container's: nothing it says
+is trusted beyond its own container's execs, and every message to it is sent without
+blocking. A timeout is enforced here, through the command's pidfd.
 
 Every exec ends in exactly one reply through ``finish``; every way a part can die
 (worker, container, timeout) ends there too, with a stable error code.
@@ -27,53 +26,61 @@ from typing import Any
 from ..protocol import errors, ipc, messages
 from ..protocol.errors import WarmexecError
 from . import status
-from .containers import DEFAULT, Runtime, State, Worker, oom_kills
+from .containers import DEFAULT, Runtime, State, Worker, command_pids, oom_kills
 from .execs import Exec
 
-KILL_GRACE = 2.0  # after a timeout kill, how long the worker has to report the exit
+KILL_GRACE = 1.0  # after a timeout kill, how long the worker has to report the exit
 MAX_PROFILES = 8  # warm workers per container beside its own
 
 
 class ExecFlow:
     """Mixed into the Dispatcher, which holds the state these methods use: ``loop``,
     ``containers``, ``metrics``, ``hooks``, ``publish``, ``send_reply``, the in-flight
-    limits and ``active``; and which provides ``start_worker``."""
+    limits and ``active``; and which provides ``start_worker``, ``send_to`` and ``lost``."""
 
-    def on_exec_message(self, rt: Runtime, sp: Worker, op: str, msg: dict) -> None:
+    def on_exec_message(self, rt: Runtime, sp: Worker, op: str, msg: dict, fds: list[int]) -> None:
         ex = sp.inflight.get(msg.get("id"))
+        if op == "started":  # read the pidfd (or not), then let the worker reap
+            if ex is not None and ex.started is None:
+                self.on_started(rt, ex, msg, fds)
+            return self.send_to(sp, {"op": "seen", "id": msg.get("id")})
         if ex is None:
             return
-        if op == "started":
-            self.on_started(rt, ex, msg)
         elif op == "out":
-            ex.output[msg.get("stream") == 2].extend(msg.get("data", b""))
+            data, out = msg["data"], ex.output[msg.get("stream") == 2]
+            out += data[:max(0, ex.req.capture - len(out))]  # the worker is not trusted
         elif op == "failed":
             del sp.inflight[ex.exec_id]
             self.on_failed(rt, ex, msg)
         elif op == "exited":
+            fields = ex.result(msg)  # first: a malformed message leaves the exec in flight
             del sp.inflight[ex.exec_id]
-            if ex.started is None:  # never announced: it exited that quickly
-                self.on_started(rt, ex, msg, announced=False)
-            oom = False
-            if os.WIFSIGNALED(msg["status"]) and os.WTERMSIG(msg["status"]) == signal.SIGKILL:
+            if fields["signal"] == signal.SIGKILL:
                 if dying(rt):  # killed because its pid namespace is being torn down
                     return self.fail(ex, errors.CONTAINER_EXITED, f"container {rt.name} exited")
                 count = oom_kills(rt.info)
-                oom, rt.oom_seen = count > rt.oom_seen and not ex.timed_out, count
-            self.finish(ex, rt, messages.ok_reply(ex.req_id, **ex.result(msg, oom)))
+                fields["oom_killed"], rt.oom_seen = count > rt.oom_seen and not ex.timed_out, count
+            else:
+                fields["timed_out"] = False  # it exited on its own before the kill landed
+            self.finish(ex, rt, messages.ok_reply(ex.req_id, **fields))
 
-    def on_started(self, rt: Runtime, ex: Exec, msg: dict, announced: bool = True) -> None:
-        ex.started = msg.get("started_at") or time.monotonic()  # CLOCK_MONOTONIC: shared
-        ex.pid, ex.container_pid = msg.get("pid"), msg.get("container_pid")
+    def on_started(self, rt: Runtime, ex: Exec, msg: dict, fds: list[int]) -> None:
+        """The worker spawned the command. Its pidfd is the only word on it that is
+        taken: the host pid and the container pid come from the kernel (and only if the
+        process is in the container's pid namespace); the pidfd is kept, to kill the
+        command's group at its timeout or if its worker is lost."""
+        now = time.monotonic()
+        at = msg.get("started_at")  # CLOCK_MONOTONIC is shared; a lying worker skews only its own
+        ex.started = min(max(at, ex.dispatched or ex.received), now) if isinstance(at, float) else now
+        if fds:
+            pids = command_pids(fds[0], rt.pid_ns)
+            if pids is not None:
+                ex.pid, ex.container_pid = pids
+                ex.pidfd = os.dup(fds[0])
+        elif isinstance(msg.get("pid"), int):  # no pidfd (seccomp): the worker's word,
+            ex.container_pid = msg["pid"]       # used for nothing but the reply
         if self.metrics is not None:
             self.metrics.spawned(rt.name, ex.started - ex.received)
-        if not announced:
-            return
-        if ex.pid is not None:
-            try:  # kept, to kill the group if the exec is lost
-                ex.pidfd = os.pidfd_open(ex.pid)
-            except OSError:
-                pass  # it has already exited
         self.hook("start", rt, ex)
 
     def on_failed(self, rt: Runtime, ex: Exec, msg: dict) -> None:
@@ -136,20 +143,17 @@ class ExecFlow:
             sp.waiting.append(ex)
 
     def send_spawn(self, rt: Runtime, sp: Worker, ex: Exec) -> None:
+        if sp.outbox.full():
+            return self.fail(ex, errors.BUSY, f"the worker of {rt.name} is not reading its requests")
         stdin = ex.open_stdin()
         req = ex.req
         ex.dispatched = sp.last_used = time.monotonic()  # before the worker can start it
         try:
-            ipc.send(sp.sock, {"op": "spawn", "id": ex.exec_id, "argv": req.argv, "env": req.env,
-                               "cwd": req.cwd, "capture": req.capture,
-                               "announce": self.wants_starts() or "pid" not in rt.info.namespaces},
-                     stdin)
+            self.send_to(sp, {"op": "spawn", "id": ex.exec_id, "argv": req.argv, "env": req.env,
+                              "cwd": req.cwd, "capture": req.capture, "stdin": bool(stdin)}, stdin)
         except OSError as exc:
             ex.close()
             return self.fail(ex, errors.WORKER_LOST, f"worker unreachable: {exc.strerror}")
-        finally:
-            for fd in stdin:
-                os.close(fd)
         ex.worker = sp
         sp.inflight[ex.exec_id] = ex
         if ex.stdin_fd >= 0:
@@ -164,6 +168,8 @@ class ExecFlow:
             ex.close_stdin()
 
     def on_timeout(self, rt: Runtime, ex: Exec) -> None:
+        """Kill the command's group ourselves, through its pidfd (a stopped or frozen
+        worker cannot delay that); ask the worker only for a command we have none of."""
         if ex.done:
             return
         sp = ex.worker
@@ -173,20 +179,33 @@ class ExecFlow:
                     queue.remove(ex)
             return self.fail(ex, errors.TIMEOUT, f"no worker was ready within {ex.req.timeout}s")
         ex.timed_out = True
-        try:
-            ipc.send(sp.sock, {"op": "kill", "id": ex.exec_id, "signal": signal.SIGKILL})
-        except OSError:
-            pass
-        self.loop.call_at(time.monotonic() + KILL_GRACE, lambda: self._kill_overdue(sp, ex))
+        if ex.pidfd >= 0:
+            ex.kill_group()
+        else:
+            try:
+                self.send_to(sp, {"op": "kill", "id": ex.exec_id, "signal": signal.SIGKILL})
+            except OSError:
+                pass
+        self.loop.call_at(time.monotonic() + KILL_GRACE, lambda: self._kill_overdue(rt, sp, ex))
 
-    def _kill_overdue(self, sp: Worker, ex: Exec) -> None:
-        if not ex.done:
-            sp.inflight.pop(ex.exec_id, None)
-            self.fail(ex, errors.WORKER_LOST, "the worker did not report the killed process")
-
-    def wants_starts(self) -> bool:
-        """Must workers report each start at once (start hooks, the event stream)?"""
-        return self.publish is not None or (self.hooks is not None and self.hooks.wants("start"))
+    def _kill_overdue(self, rt: Runtime, sp: Worker, ex: Exec) -> None:
+        """Killed at its timeout, and still no word of its exit: answer now, saying why."""
+        if ex.done:
+            return
+        sp.inflight.pop(ex.exec_id, None)
+        if rt.paused():
+            return self.fail(ex, errors.CONTAINER_PAUSED,
+                             f"timed out after {ex.req.timeout}s: container {rt.name} is paused")
+        state = sp.state_letter()
+        if ex.started is None:
+            why = "the command never started: its spawn was stopped inside the container"
+        elif state in ("T", "t"):
+            why = "its worker was stopped inside the container and could not report its exit"
+        else:
+            why = "its worker did not report its exit"
+        self.fail(ex, errors.TIMEOUT, f"timed out after {ex.req.timeout}s and killed; {why}")
+        if ex.started is None or state in ("T", "t"):  # a wedged worker serves no one: replace it
+            self.lost(rt, sp, f"wedged ({why})")
 
     def hook(self, kind: str, rt: Runtime, ex: Exec, result: dict | None = None) -> None:
         """An exec started or exited: for hooks and the event stream (never logged at

@@ -1,4 +1,4 @@
-"""Pure parts of worker/creds.py, worker/linux.py and worker/spawner.py (no root)."""
+"""Pure parts of worker/creds.py, worker/linux.py and worker/worker.py (no root)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import resource
 import pytest
 
 from warmexec.protocol.caps import CAP_NAMES
-from warmexec.worker import creds, linux, spawner
+from warmexec.worker import creds, linux, worker
 
 CHOWN, KILL, NET_BIND, SYS_ADMIN = 0, 5, 10, 21
 
@@ -139,23 +139,23 @@ def path_dirs(tmp_path):
 
 
 def test_lookup_name_with_slash_returned_as_is():
-    assert spawner.lookup("/no/such/file", "/bin") == ("/no/such/file", 0)
-    assert spawner.lookup("./rel", None) == ("./rel", 0)
-    assert spawner.lookup("a/b", "") == ("a/b", 0)
+    assert worker.lookup("/no/such/file", "/bin") == ("/no/such/file", 0)
+    assert worker.lookup("./rel", None) == ("./rel", 0)
+    assert worker.lookup("a/b", "") == ("a/b", 0)
 
 
 def test_lookup_skips_non_executable_files(path_dirs):
     p = f"{path_dirs['d1']}:{path_dirs['d2']}"
-    assert spawner.lookup("tool", p) == (path_dirs["tool"], 0)
+    assert worker.lookup("tool", p) == (path_dirs["tool"], 0)
 
 
 def test_lookup_skips_directories(path_dirs):
     p = ":".join(path_dirs[d] for d in ("d1", "d2", "d3"))
-    assert spawner.lookup("dir", p) == (path_dirs["dir_exe"], 0)
+    assert worker.lookup("dir", p) == (path_dirs["dir_exe"], 0)
 
 
 def test_lookup_any_exec_bit_counts(path_dirs):
-    found, err = spawner.lookup("only-group-x", path_dirs["d2"])
+    found, err = worker.lookup("only-group-x", path_dirs["d2"])
     assert (found, err) == (os.path.join(path_dirs["d2"], "only-group-x"), 0)
 
 
@@ -165,23 +165,23 @@ def test_lookup_first_match_wins(path_dirs, tmp_path):
     (first / "tool").write_text("")
     os.chmod(first / "tool", 0o700)
     p = f"{first}:{path_dirs['d2']}"
-    assert spawner.lookup("tool", p) == (str(first / "tool"), 0)
+    assert worker.lookup("tool", p) == (str(first / "tool"), 0)
 
 
 def test_lookup_not_found(path_dirs):
     p = ":".join(path_dirs[d] for d in ("d1", "d2", "d3"))
-    assert spawner.lookup("missing", p) == (None, errno.ENOENT)
-    assert spawner.lookup("noexec", p) == (None, errno.ENOENT)
-    assert spawner.lookup("tool", path_dirs["d1"]) == (None, errno.ENOENT)
-    assert spawner.lookup("tool", "/no/such/dir") == (None, errno.ENOENT)
+    assert worker.lookup("missing", p) == (None, errno.ENOENT)
+    assert worker.lookup("noexec", p) == (None, errno.ENOENT)
+    assert worker.lookup("tool", path_dirs["d1"]) == (None, errno.ENOENT)
+    assert worker.lookup("tool", "/no/such/dir") == (None, errno.ENOENT)
 
 
 def test_lookup_missing_path_entries_are_skipped(path_dirs):
     p = f"/no/such/dir:{path_dirs['d1']}/tool:{path_dirs['d2']}"
-    assert spawner.lookup("tool", p) == (path_dirs["tool"], 0)
+    assert worker.lookup("tool", p) == (path_dirs["tool"], 0)
 
 
 @pytest.mark.parametrize("path_var", [None, ""])
 def test_lookup_empty_path_searches_nothing(path_dirs, monkeypatch, path_var):
     monkeypatch.chdir(path_dirs["d2"])
-    assert spawner.lookup("tool", path_var) == (None, errno.ENOENT)
+    assert worker.lookup("tool", path_var) == (None, errno.ENOENT)

@@ -97,8 +97,8 @@ def test_import_resolution_on_repo_sources():
     # Guard the helper itself on the shapes used in this repo.
     src = REPO / "worker" / "linux.py"
     assert "warmexec.protocol.caps" in _imports(src, "worker")
-    assert "warmexec.protocol.ipc" in _imports(REPO / "worker" / "spawner.py", "worker")
-    assert "warmexec.worker.creds" in _imports(REPO / "worker" / "spawner.py", "worker")
+    assert "warmexec.protocol.ipc" in _imports(REPO / "worker" / "worker.py", "worker")
+    assert "warmexec.worker.creds" in _imports(REPO / "worker" / "worker.py", "worker")
     assert "zmq" in _imports(REPO / "protocol" / "client.py", "protocol")
 
 
@@ -135,7 +135,7 @@ def test_protocol_imports_no_heavy_dependency_except_client_zmq():
 
 
 def test_zygote_import_loads_no_zmq_or_prometheus(tmp_path):
-    code = ("import sys, warmexec.worker.zygote, warmexec.worker.spawner, warmexec.worker.creds\n"
+    code = ("import sys, warmexec.worker.zygote, warmexec.worker.worker, warmexec.worker.join, warmexec.worker.creds\n"
             "heavy = sorted(m for m in sys.modules\n"
             "               if m.split('.')[0] in ('zmq', 'prometheus_client', 'psutil'))\n"
             "print(','.join(heavy))\n")

@@ -6,10 +6,11 @@ multithreaded process. So the supervisor execs this module once, at start-up, wi
 one end of a socketpair (its fd number on the command line), and asks it for workers::
 
     supervisor -> {op: fork, tag, spec, user, privileged}
-    zygote     -> {op: forked, tag, pid} + fds [worker socket]
+    zygote     -> {op: forked, tag, pid} + fds [worker socket, pidfd of the joiner]
 
 A worker serves one (container, credential profile): the container's default user,
-or a request's user and privileged flag.
+or a request's user and privileged flag. What the zygote forks is the worker's joiner
+(:mod:`join`), which joins the container and forks the worker itself.
 
 It imports only what a worker needs, then freezes the heap (gc.freeze) so that forked
 workers share its pages instead of copying them on the first garbage collection. The
@@ -17,10 +18,9 @@ standard library (and msgpack) comes first, some of it imported here for that al
 warmexec's own objects, which every worker touches (and so copies page by page), are
 then allocated together rather than scattered among the standard library's.
 
-It is also its workers' subreaper: when a worker dies, the commands it had started
-become the zygote's children (not init's), and the zygote kills the process groups of
-those in a container's own pid namespace, whether or not the supervisor had heard of
-them yet (a worker reports a quick command's pid only with its exit).
+It runs from a sealed in-memory copy of the interpreter (:func:`run_sealed`), so no
+process forked from it executes a file of the host. It is the subreaper of what it
+forks: a worker whose joiner has exited is its child, and it reaps it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import array  # noqa: F401 (imported early: see above)
 import ctypes  # noqa: F401
 import dataclasses  # noqa: F401
 import errno
+import fcntl
 import gc
 import json
 import mmap  # noqa: F401
@@ -47,7 +48,7 @@ import msgpack  # noqa: F401
 
 from ..protocol import codec, ipc
 from . import linux, seccomp
-from .worker import worker_main
+from .join import joiner_main
 
 
 def main(supervisor_pid: int, fd: int) -> None:
@@ -73,7 +74,6 @@ def main(supervisor_pid: int, fd: int) -> None:
         pass
     gc.freeze()
     me = os.getpid()
-    workers: set[int] = set()
     while True:
         try:
             events = poll.poll()
@@ -82,7 +82,7 @@ def main(supervisor_pid: int, fd: int) -> None:
         for ready, _ in events:
             if ready == wake_r:
                 os.read(wake_r, 4096)
-                reap(workers)
+                reap()
                 continue
             msg, fds = ipc.recv(sock)
             if msg is None:
@@ -90,9 +90,7 @@ def main(supervisor_pid: int, fd: int) -> None:
             for extra in fds:
                 os.close(extra)
             if msg.get("op") == "fork":
-                pid = fork_worker(sock, msg, me, (wake_r, wake_w))
-                if pid:
-                    workers.add(pid)
+                fork_joiner(sock, msg, me, (wake_r, wake_w))
 
 
 _FILLER: list = []
@@ -165,8 +163,9 @@ def compiled_filter(profile: dict) -> dict:
     return _FILTERS[key]
 
 
-def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int]) -> int:
-    """Fork a worker for msg; its pid, 0 if fork failed."""
+def fork_joiner(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int]) -> int:
+    """Fork the joiner of a worker for msg (see :mod:`join`); its pid, 0 if fork failed.
+    The supervisor gets the joiner's socket and a pidfd on it, to kill it if it is late."""
     process = (msg.get("spec") or {}).get("process") or {}
     if process.get("seccomp"):
         process["seccomp"] = compiled_filter(process["seccomp"])
@@ -189,76 +188,63 @@ def fork_worker(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int
                 os.close(fd)
             sock.close()
             ours.close()
-            worker_main(theirs, msg["spec"], msg.get("user"), bool(msg.get("privileged")), me)
+            joiner_main(theirs, msg["spec"], msg.get("user"), bool(msg.get("privileged")), me)
             code = 0
         except (BrokenPipeError, ConnectionResetError):
             code = 0  # the supervisor let go of this worker
         except BaseException as exc:  # noqa: BLE001 - the child never returns
-            os.write(2, f"warmexec worker {msg['spec'].get('id')}: {exc!r}\n".encode())
+            os.write(2, f"warmexec joiner {msg['spec'].get('id')}: {exc!r}\n".encode())
         finally:
             os._exit(code)
     theirs.close()
-    ipc.send(sock, {"op": "forked", "tag": msg.get("tag"), "pid": pid}, [ours.fileno()])
+    pidfd = os.pidfd_open(pid)
+    ipc.send(sock, {"op": "forked", "tag": msg.get("tag"), "pid": pid}, [ours.fileno(), pidfd])
     ours.close()
+    os.close(pidfd)
     return pid
 
 
-def reap(workers: set[int]) -> None:
-    """Reap every child that exited; if a worker was among them, kill what it left."""
-    lost = False
+def reap() -> None:
+    """Reap every child that exited: joiners, and the workers they leave us (we are
+    their subreaper once their joiner has exited)."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            break
+            return
         if pid == 0:
-            break
-        if pid in workers:
-            workers.discard(pid)
-            lost = True
-    if lost:
-        ours = _pid_ns("self")
-        for pid in children() - workers:
-            # Only a command that a dead worker started in a container's own pid
-            # namespace: the kernel hands a command's own orphans to the container's
-            # init, so nothing else of a container's can be here. In a container that
-            # shares our pid namespace, what its commands leave behind (daemons) comes
-            # to us too: those are left alone, and the supervisor, which is told every
-            # such exec's pid at once, kills what a dead worker leaves.
-            if _pid_ns(str(pid)) in (ours, None):
-                continue
-            try:
-                os.killpg(pid, signal.SIGKILL)  # each command leads its own session
-            except (ProcessLookupError, PermissionError):
-                pass  # an unreaped child's group id cannot have been reused
+            return
 
 
-def _pid_ns(pid: str) -> str | None:
+def run_sealed() -> None:
+    """Re-execute this interpreter from a sealed in-memory copy of itself, unless it
+    already runs from one (runc's cloned binary, against CVE-2019-5736).
+
+    Every worker is forked from the zygote, so its /proc/self/exe is this copy: a
+    container whose image makes a command's interpreter ``/proc/self/exe`` runs the
+    copy (with the container's own libraries, as its own process), and a container
+    process that opens it holds a file that cannot be written, truncated or grown,
+    never the host's interpreter."""
     try:
-        return os.readlink(f"/proc/{pid}/ns/pid")
+        exe = os.open("/proc/self/exe", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return None
-
-
-def children() -> set[int]:
-    """Our children's pids: the kernel's list, or a scan of /proc without it."""
-    me = os.getpid()
+        return
     try:
-        with open(f"/proc/{me}/task/{me}/children") as f:
-            return {int(p) for p in f.read().split()}
+        if fcntl.fcntl(exe, fcntl.F_GET_SEALS) & SEALS == SEALS:
+            return
     except OSError:
+        pass  # not a memfd
+    copy = os.memfd_create("warmexec-python", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    while os.sendfile(copy, exe, None, 1 << 24):
         pass
-    found = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == me:
-                        found.add(int(name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return found
+    os.close(exe)
+    fcntl.fcntl(copy, fcntl.F_ADD_SEALS, SEALS)
+    os.execve(copy, sys.orig_argv, os.environ)  # fexecve: argv[0] still finds the venv
+
+
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
 if __name__ == "__main__":
+    run_sealed()
     sys.exit(main(int(sys.argv[1]), int(sys.argv[2])))
