@@ -73,15 +73,19 @@ def test_cpu_as_data_always_deferred(res):
     assert creds.deferred_rlimits(_profile((res, big, big))) == [[res, big, big]]
 
 
-def test_nofile_below_64_deferred():
+def test_nofile_below_1024_deferred():
+    """A worker needs up to three fds per running command: a container limit under
+    1024 is applied per command, so that it caps each command, not the worker."""
     r = resource.RLIMIT_NOFILE
     assert creds.deferred_rlimits(_profile((r, 63, 63))) == [[r, 63, 63]]
+    assert creds.deferred_rlimits(_profile((r, 64, 64))) == [[r, 64, 64]]
+    assert creds.deferred_rlimits(_profile((r, 1023, 4096))) == [[r, 1023, 4096]]
     assert creds.deferred_rlimits(_profile((r, 0, 1024))) == [[r, 0, 1024]]
 
 
-def test_nofile_at_or_above_64_not_deferred():
+def test_nofile_at_or_above_1024_not_deferred():
     r = resource.RLIMIT_NOFILE
-    assert creds.deferred_rlimits(_profile((r, 64, 64))) == []
+    assert creds.deferred_rlimits(_profile((r, 1024, 1024))) == []
     assert creds.deferred_rlimits(_profile((r, 1024, 4096))) == []
     assert creds.deferred_rlimits(_profile((r, 2**64 - 1, 2**64 - 1))) == []
 

@@ -2,7 +2,7 @@
 
 A profile is everything about an exec that depends on the user and the privileged
 flag, not on the command: groups, gid, uid, the five capability sets, no_new_privs,
-rlimits and umask. A spawner takes one profile for its whole life, so each exec it
+rlimits and umask. A worker takes one profile for its whole life, so each exec it
 starts is a plain vfork+exec that inherits all of it.
 
 The order of :func:`apply` is runc's (finalizeNamespace): rlimits while still root,
@@ -21,11 +21,13 @@ import resource
 from . import linux, seccomp
 from .users import ExecUser, resolve
 
-#: rlimits a long-lived Python spawner cannot itself live under (cumulative CPU time,
-#: address space, heap, a handful of fds): a profile that has one is applied per exec
-#: in a forked child instead of once in the spawner.
+#: rlimits a long-lived Python worker cannot itself live under (cumulative CPU time,
+#: address space, heap, too few fds for its commands' pipes): a profile that has one is
+#: applied per exec in a forked child instead of once in the worker. A worker holds up
+#: to three fds per running command: under 1024 the container's limit would cap its
+#: concurrent execs below what `runc exec` takes (each its own process).
 _DEFERRED = {resource.RLIMIT_CPU, resource.RLIMIT_AS, resource.RLIMIT_DATA}
-_MIN_SPAWNER_NOFILE = 64
+_MIN_WORKER_NOFILE = 1024
 _CAP_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
 
 
@@ -85,7 +87,7 @@ def make_profile(process: dict, spec: str | None, privileged: bool) -> dict:
 
 def deferred_rlimits(profile: dict) -> list[list[int]]:
     return [r for r in profile["rlimits"]
-            if r[0] in _DEFERRED or (r[0] == resource.RLIMIT_NOFILE and r[1] < _MIN_SPAWNER_NOFILE)]
+            if r[0] in _DEFERRED or (r[0] == resource.RLIMIT_NOFILE and r[1] < _MIN_WORKER_NOFILE)]
 
 
 def apply(profile: dict) -> None:

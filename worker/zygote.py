@@ -230,10 +230,12 @@ def run_sealed() -> None:
     except OSError:
         return
     try:
-        if fcntl.fcntl(exe, fcntl.F_GET_SEALS) & SEALS == SEALS:
-            return
+        sealed = fcntl.fcntl(exe, fcntl.F_GET_SEALS) & SEALS == SEALS
     except OSError:
-        pass  # not a memfd
+        sealed = False  # not a memfd
+    if sealed:
+        os.close(exe)
+        return
     copy = os.memfd_create("warmexec-python", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     while os.sendfile(copy, exe, None, 1 << 24):
         pass

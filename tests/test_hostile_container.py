@@ -1,0 +1,357 @@
+"""A hostile container against its warm worker: runc's CVE classes, each with an image of
+our own, each asserting the property (nothing of the host is reachable, no other
+container waits, nothing outlives the container) rather than a symptom.
+
+The attacker is the container's root, with CAP_SYS_PTRACE where a test says so; its
+tools are small static C programs (tests/hostile/*.c) compiled here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from warmexec.protocol import Client, errors
+from warmexec.protocol.errors import WarmexecError
+
+from .conftest import Supervisor, wait_for, wait_ready
+
+pytestmark = pytest.mark.root
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SECRET = "hostile-" + secrets.token_hex(8)
+F_SEAL_WRITE = 0x0008
+KCMP_VM = 1
+SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(os.uname().machine)
+
+
+@pytest.fixture(scope="module")
+def tools(tmp_path_factory):
+    """The attacker's static binaries."""
+    if shutil.which("gcc") is None or os.uname().machine != "x86_64":
+        pytest.skip("needs gcc (setup.sh installs it) and x86-64 to build the hostile tools")
+    out = tmp_path_factory.mktemp("hostile")
+    built = {}
+    for name, flags in (("fake_loader", ["-nostdlib", "-fno-stack-protector"]), ("stopper", [])):
+        path = str(out / name)
+        subprocess.run(["gcc", "-static", "-O1", *flags, "-o", path,
+                        os.path.join(HERE, "hostile", f"{name}.c")], check=True, capture_output=True)
+        built[name] = path
+    return built
+
+
+@pytest.fixture(scope="module")
+def hostile_supervisor(box, tmp_path_factory):
+    """A supervisor with a secret in its environment, on the default path (no hooks)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WARMEXEC_TEST_SECRET", SECRET)
+        sup = Supervisor(box, str(tmp_path_factory.mktemp("hostile-sup")))
+    yield sup
+    assert sup.stop() == 0
+    assert "internal error" not in sup.read_log()
+
+
+def rootfs(box, cid: str) -> str:
+    return os.path.join(box.dir, "bundles", cid, "rootfs")
+
+
+def with_caps(box, *caps: str) -> dict:
+    cfg = box.config()
+    for kind in ("bounding", "effective", "permitted"):
+        cfg["process"]["capabilities"][kind].extend(caps)
+    return cfg
+
+
+def host_python() -> tuple[int, int]:
+    st = os.stat(os.path.realpath(sys.executable))
+    return st.st_dev, st.st_ino
+
+
+def nspid(host_pid: int) -> list[int]:
+    with open(f"/proc/{host_pid}/status") as f:
+        return [int(p) for line in f if line.startswith("NSpid:") for p in line.split()[1:]]
+
+
+def pid_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def processes_in(ns: str) -> dict[int, int]:
+    """Host pid -> container pid of every process in a pid namespace."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and pid_ns(int(name)) == ns:
+            try:
+                out[int(name)] = nspid(int(name))[-1]
+            except (OSError, IndexError):
+                continue
+    return out
+
+
+def warmexec_outside(sup, ns: str) -> list[int]:
+    """The supervisor and every process under it that is not in the container's pid ns."""
+    family, todo = [], [sup.proc.pid]
+    while todo:
+        pid = todo.pop()
+        family.append(pid)
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                todo.extend(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return [p for p in family if pid_ns(p) != ns]
+
+
+def shares_memory(a: int, b: int) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(SYS_KCMP, a, b, KCMP_VM, 0, 0) == 0
+
+
+def runc_exec_detached(box, cid: str, argv: list[str]) -> None:
+    """`runc exec -d`, its stdio away from any pipe (the detached process keeps it)."""
+    subprocess.run(["runc", "--root", box.root, "exec", "-d", cid, *argv], check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=30)
+
+
+def in_host_pid(cid_ns: str, container_pid: int) -> int | None:
+    return next((h for h, c in processes_in(cid_ns).items() if c == container_pid), None)
+
+
+# ------------------------------------------------------------- CVE-2019-5736 class
+
+def test_proc_self_exe_as_interpreter_never_reaches_the_host_binary(box, hostile_supervisor, tools):
+    """An image whose scripts say `#!/proc/self/exe` runs whatever executable the
+    spawning process has. With the host's interpreter there, a container process would
+    hold the host's Python open and could write it once nothing runs it. The worker's
+    executable is a sealed in-memory copy: the container gets a file that is not the
+    host's and can never be written (the same as runc exec gives: runc's sealed clone)."""
+    cid = box.run("exe")
+    fs = rootfs(box, cid)
+    os.makedirs(os.path.join(fs, "lib64"), exist_ok=True)
+    shutil.copy(tools["fake_loader"], os.path.join(fs, "lib64", "ld-linux-x86-64.so.2"))
+    with open(os.path.join(fs, "evil"), "w") as f:
+        f.write("#!/proc/self/exe\n")
+    os.chmod(os.path.join(fs, "evil"), 0o755)
+    seen = os.path.join(fs, "tmp", "exe-seen")
+    open(seen, "w").close()
+    os.chmod(seen, 0o666)
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, cid)
+            for user, privileged in ((None, False), ("alice", False), (None, True)):
+                assert c.exec(cid, ["/evil"], user=user, privileged=privileged, timeout=10)["exit_code"] == 0
+        lines = open(seen).read().split("\n")[:-1]
+        assert len(lines) == 3, lines
+        for line in lines:
+            dev, ino, seals, _write_errno, link = line.split(" ", 4)
+            assert (int(dev), int(ino)) != host_python(), f"the host's interpreter ran in the container: {line}"
+            assert int(seals) >= 0 and int(seals) & F_SEAL_WRITE, f"its executable can be written: {line}"
+            assert link.startswith("/memfd:"), line
+    finally:
+        box.delete(cid)
+
+
+# ------------------------------------------------------- CVE-2024-21626 / ptrace class
+
+def test_a_ptrace_container_that_stops_each_new_process_gains_nothing(box, hostile_supervisor, tools, tmp_path):
+    """With CAP_SYS_PTRACE the container stops every new process of its pid namespace
+    at birth, before it execs (the window of a vfork child that is still the worker).
+    What it catches must hold no descriptor of the host (no walk from one reaches a
+    host file), not carry the supervisor's environment, not run the host's
+    interpreter, and share memory with no process outside the container's pid
+    namespace. The exec is answered by its timeout, and the container's next exec works."""
+    cid = box.run("ptrace", with_caps(box, "CAP_SYS_PTRACE"))
+    fs = rootfs(box, cid)
+    shutil.copy(tools["stopper"], os.path.join(fs, "stopper"))
+    marker = tmp_path / "host-only-marker"
+    token = secrets.token_hex(16)
+    marker.write_text(token)
+    report = os.path.join(fs, "tmp", "report")
+    sup = hostile_supervisor
+    try:
+        with Client(sup.endpoint) as c:
+            worker = wait_ready(c, cid)["worker_pid"]
+            ns = pid_ns(box.init_pid(cid))
+            runc_exec_detached(box, cid, ["/stopper", "/tmp/report", str(marker), str(sup.proc.pid),
+                                          SECRET, "1"])
+            wait_for(lambda: os.path.exists(report) and "ready" in open(report).read(), 10, "the stopper")
+            stopper_cpid = int(open(report).read().split("ready ")[1].split()[0])
+            t0 = time.monotonic()
+            rid = c.submit("exec", container=cid, argv=["true"], timeout=2)
+            wait_for(lambda: "caught" in open(report).read(), 10, "the stopper to catch a process")
+            caught_cpid = int(open(report).read().split("caught ")[1].split()[0])
+            caught = in_host_pid(ns, caught_cpid)
+            assert caught is not None
+            for outside in warmexec_outside(sup, ns):
+                assert not shares_memory(caught, outside), \
+                    f"the stopped process {caught} shares memory with {outside}, outside the container"
+            with pytest.raises(WarmexecError) as e:
+                c.result(rid, timeout=10)
+            assert e.value.code == errors.TIMEOUT and time.monotonic() - t0 < 5, e.value
+            text = open(report).read()
+            assert "ESCAPE" not in text and token not in text, text
+            assert "SECRET" not in text, text
+            for line in text.splitlines():
+                if line.startswith("exe "):
+                    _, _, dev, ino, *_ = line.split()
+                    assert (int(dev), int(ino)) != host_python(), line
+                if line.startswith("fd "):
+                    link = line.split(" ", 3)[3]
+                    assert link.startswith(("pipe:", "socket:", "anon_inode:")) or link == "/dev/null", \
+                        f"a process the container can see holds {link!r}"
+            stopper = in_host_pid(ns, stopper_cpid)
+            os.kill(stopper, signal.SIGKILL)
+            os.kill(caught, signal.SIGKILL)
+            # The worker was wedged (stuck in vfork), so it was replaced.
+            wait_for(lambda: (r := next(x for x in c.list() if x["id"] == cid))["state"] == "READY"
+                     and r["worker_pid"] != worker, 15, "a new worker")
+            assert c.exec(cid, ["true"], timeout=5)["exit_code"] == 0
+    finally:
+        box.delete(cid)
+
+
+def test_a_ptrace_container_sees_no_warmexec_process_that_holds_the_host(box, hostile_supervisor, tools, tmp_path):
+    """The same stopper, continuing what it catches, over many execs and profiles: no
+    process it can see, at any instant it catches, leads out of the container."""
+    cid = box.run("ptrace2", with_caps(box, "CAP_SYS_PTRACE"))
+    fs = rootfs(box, cid)
+    shutil.copy(tools["stopper"], os.path.join(fs, "stopper"))
+    marker = tmp_path / "host-only-marker"
+    token = secrets.token_hex(16)
+    marker.write_text(token)
+    report = os.path.join(fs, "tmp", "report")
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, cid)
+            runc_exec_detached(box, cid, ["/stopper", "/tmp/report", str(marker),
+                                          str(hostile_supervisor.proc.pid), SECRET, "0"])
+            wait_for(lambda: os.path.exists(report) and "ready" in open(report).read(), 10, "the stopper")
+            for i in range(30):
+                user = (None, "alice", "bob")[i % 3]
+                r = c.exec(cid, ["sh", "-c", "echo $$"], user=user, timeout=10)
+                assert r["exit_code"] == 0
+        text = open(report).read()
+        assert text.count("caught") >= 10, text[-2000:]
+        assert "ESCAPE" not in text and token not in text and "SECRET" not in text
+        for line in text.splitlines():
+            if line.startswith("fd "):
+                link = line.split(" ", 3)[3]
+                assert link.startswith(("pipe:", "socket:", "anon_inode:")) or link.startswith("/"), line
+                assert not link.startswith(("/proc", "/sys", os.path.dirname(sys.executable))), line
+    finally:
+        box.delete(cid)
+
+
+# ------------------------------------------------------------- a container's stall
+
+def test_a_stopped_worker_delays_no_other_container(box, hostile_supervisor):
+    """The container stops its own worker, then gets execs large enough to fill the
+    worker's socket: the supervisor queues them instead of blocking, another
+    container's execs are answered at once, and the stopped container's timed exec
+    is answered by its timeout with a code that says what happened."""
+    victim, other = box.run("stall"), box.run("stall-other")
+    try:
+        with Client(hostile_supervisor.endpoint) as c, Client(hostile_supervisor.endpoint) as bulk:
+            worker = wait_ready(c, victim)["worker_pid"]
+            wait_ready(c, other)
+            assert box.exec(victim, ["kill", "-STOP", str(nspid(worker)[-1])]).returncode == 0
+            big = ["x" * 100_000] * 39  # 3.9 MB of argv, four times: more than the socket holds
+            rids = [bulk.submit("exec", container=victim, argv=["true", *big]) for _ in range(4)]
+            t0 = time.monotonic()
+            timed = c.submit("exec", container=victim, argv=["true"], timeout=1)
+            for _ in range(20):
+                t1 = time.monotonic()
+                assert c.exec(other, ["true"], timeout=5)["exit_code"] == 0
+                assert time.monotonic() - t1 < 1.0, "another container's exec waited"
+            with pytest.raises(WarmexecError) as e:
+                c.result(timed, timeout=10)
+            assert e.value.code == errors.TIMEOUT and "stopped" in e.value.message, e.value
+            assert time.monotonic() - t0 < 4
+            for rid in rids:  # the worker was replaced: the queued execs are answered too
+                with pytest.raises(WarmexecError):
+                    bulk.result(rid, timeout=10)
+            wait_ready(c, victim)
+            assert c.exec(victim, ["true"], timeout=5)["exit_code"] == 0
+    finally:
+        box.delete(victim)
+        box.delete(other)
+
+
+# ------------------------------------------------------------ nothing outlives it
+
+def test_nothing_of_warmexec_outlives_a_killed_container(box, hostile_supervisor):
+    """Warm workers of two profiles, one exec running, then `runc kill KILL` and a
+    plain `runc delete`: no warning, no cgroup left, no warmexec process left in them."""
+    cid = box.run("outlive")
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, cid)
+            assert c.exec(cid, ["true"], user="alice")["exit_code"] == 0
+            rid = c.submit("exec", container=cid, argv=["sleep", "1000"])
+            with open(os.path.join(box.root, cid, "state.json")) as f:
+                cgroups = sorted(set(json.load(f)["cgroup_paths"].values()))
+            box.kill(cid, "KILL")
+            with pytest.raises(WarmexecError) as e:
+                c.result(rid, timeout=10)
+            assert e.value.code == errors.CONTAINER_EXITED
+            wait_for(lambda: "stopped" in subprocess.run(
+                ["runc", "--root", box.root, "state", cid], capture_output=True, text=True).stdout,
+                10, "runc to see the container stopped")
+            out = subprocess.run(["runc", "--root", box.root, "delete", cid], capture_output=True, text=True)
+            assert out.returncode == 0 and "busy" not in out.stderr, out.stderr
+            left = [p for p in cgroups if os.path.isdir(p)]
+            assert not left, f"cgroups outlived the container: {left}"
+    finally:
+        box.delete(cid)
+
+
+def test_a_container_without_a_real_dev_null_still_gets_its_execs(box, hostile_supervisor):
+    """/dev/null is the container's: replaced by a FIFO, it must neither hang a new
+    worker nor become the commands' stdio."""
+    cid = box.run("devnull")
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, cid)
+            assert box.exec(cid, ["sh", "-c", "rm /dev/null && mkfifo /dev/null"]).returncode == 0
+            r = c.exec(cid, ["sh", "-c", "echo out; echo err >&2; readlink /proc/self/fd/0"],
+                       user="alice", timeout=10)
+            assert (r["exit_code"], r["stdout"].split(b"\n")[0], r["stderr"]) == (0, b"out", b"err\n")
+            assert b"/dev/null" not in r["stdout"]
+            r = c.exec(cid, ["sh", "-c", "yes | head -c 1000000"], user="alice", capture=0, timeout=10)
+            assert r["exit_code"] == 0 and r["stdout"] == b""
+    finally:
+        box.delete(cid)
+
+
+# --------------------------------------------------------------- a container's limits
+
+def test_nofile_limit_confines_the_commands_not_the_worker(box, hostile_supervisor):
+    """RLIMIT_NOFILE 64: as many concurrent execs as `runc exec` takes, each command
+    with exactly the container's limit."""
+    cfg = box.config()
+    cfg["process"]["rlimits"] = [{"type": "RLIMIT_NOFILE", "hard": 64, "soft": 64}]
+    cid = box.run("nofile", cfg)
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, cid)
+            rids = [c.submit("exec", container=cid, argv=["sh", "-c", "sleep 1; ulimit -n; ulimit -Hn"])
+                    for _ in range(30)]
+            replies = [c.result(rid, timeout=30) for rid in rids]
+            assert all(r["exit_code"] == 0 and r["stdout"] == b"64\n64\n" for r in replies), replies[:3]
+            assert next(x for x in c.list() if x["id"] == cid)["restarts"] == 0
+    finally:
+        box.delete(cid)
+
