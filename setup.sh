@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what warmexec needs on a Debian machine, as root: runc and a static busybox
 # (the tests' and demo's container rootfs), Prometheus (its promtool and server check the
-# alert rules and the dashboard's queries), and a virtualenv (.venv) holding the project
+# alert rules and the dashboard's queries), gcc and libc6-dev (the hostile-container
+# tests build their attacker's tools), and a virtualenv (.venv) holding the project
 # with its test and bench extras. Idempotent: a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,6 +15,8 @@ command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # the rules and real-Prometheus tests
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)                # the hostile-container tests
+dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)       # static attacker tools
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}"
     apt-get update -qq

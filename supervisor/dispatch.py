@@ -150,7 +150,8 @@ class Dispatcher(ExecFlow):
 
     def start_overdue(self, rt: Runtime, sp: Worker) -> None:
         if rt.workers.get(sp.key) is sp and not sp.ready:
-            self.lost(rt, sp, f"not ready within {WORKER_START_TIMEOUT:g}s (state {sp.state_letter() or '?'})")
+            state = sp.state_letter() or "?"
+            self.lost(rt, sp, f"not ready within {WORKER_START_TIMEOUT:g}s (state {state})")
 
     def on_zygote(self) -> None:
         msg, fds = ipc.recv(self.zygote.sock)

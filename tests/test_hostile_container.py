@@ -157,7 +157,7 @@ def test_proc_self_exe_as_interpreter_never_reaches_the_host_binary(box, hostile
         assert len(lines) == 3, lines
         for line in lines:
             dev, ino, seals, _write_errno, link = line.split(" ", 4)
-            assert (int(dev), int(ino)) != host_python(), f"the host's interpreter ran in the container: {line}"
+            assert (int(dev), int(ino)) != host_python(), f"the host's interpreter ran inside: {line}"
             assert int(seals) >= 0 and int(seals) & F_SEAL_WRITE, f"its executable can be written: {line}"
             assert link.startswith("/memfd:"), line
     finally:
@@ -166,7 +166,8 @@ def test_proc_self_exe_as_interpreter_never_reaches_the_host_binary(box, hostile
 
 # ------------------------------------------------------- CVE-2024-21626 / ptrace class
 
-def test_a_ptrace_container_that_stops_each_new_process_gains_nothing(box, hostile_supervisor, tools, tmp_path):
+def test_a_ptrace_container_that_stops_each_new_process_gains_nothing(box, hostile_supervisor, tools,
+                                                                       tmp_path):
     """With CAP_SYS_PTRACE the container stops every new process of its pid namespace
     at birth, before it execs (the window of a vfork child that is still the worker).
     What it catches must hold no descriptor of the host (no walk from one reaches a
@@ -223,7 +224,8 @@ def test_a_ptrace_container_that_stops_each_new_process_gains_nothing(box, hosti
         box.delete(cid)
 
 
-def test_a_ptrace_container_sees_no_warmexec_process_that_holds_the_host(box, hostile_supervisor, tools, tmp_path):
+def test_a_ptrace_container_sees_no_warmexec_process_that_holds_the_host(box, hostile_supervisor, tools,
+                                                                         tmp_path):
     """The same stopper, continuing what it catches, over many execs and profiles: no
     process it can see, at any instant it catches, leads out of the container."""
     cid = box.run("ptrace2", with_caps(box, "CAP_SYS_PTRACE"))
@@ -292,24 +294,58 @@ def test_a_stopped_worker_delays_no_other_container(box, hostile_supervisor):
 
 # ------------------------------------------------------------ nothing outlives it
 
+def _procs(cgroups: list[str]) -> list[int]:
+    out = []
+    for path in cgroups:
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                out.extend(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return out
+
+
+def _blocked_in_a_fifo() -> bool:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/wchan") as f:
+                    if f.read() in ("wait_for_partner", "fifo_open", "pipe_read"):
+                        return True
+            except OSError:
+                continue
+    return False
+
+
 def test_nothing_of_warmexec_outlives_a_killed_container(box, hostile_supervisor):
-    """Warm workers of two profiles, one exec running, then `runc kill KILL` and a
-    plain `runc delete`: no warning, no cgroup left, no warmexec process left in them."""
+    """Warm workers of two profiles, one exec running, a third profile's worker sent
+    to read a FIFO in place of /etc/group; then `runc kill KILL`: every process in the
+    container's cgroups goes, and a plain `runc delete` leaves no cgroup behind."""
     cid = box.run("outlive")
     try:
-        with Client(hostile_supervisor.endpoint) as c:
+        with Client(hostile_supervisor.endpoint) as c, Client(hostile_supervisor.endpoint) as c2:
             wait_ready(c, cid)
             assert c.exec(cid, ["true"], user="alice")["exit_code"] == 0
             rid = c.submit("exec", container=cid, argv=["sleep", "1000"])
             with open(os.path.join(box.root, cid, "state.json")) as f:
                 cgroups = sorted(set(json.load(f)["cgroup_paths"].values()))
+            group = os.path.join(rootfs(box, cid), "etc", "group")
+            os.unlink(group)
+            os.mkfifo(group)
+            bob = c2.submit("exec", container=cid, argv=["true"], user="bob")
+
+            def bob_settled() -> bool:  # blocked on the FIFO, or already refused
+                try:
+                    c2.result(bob, timeout=0.05)
+                    return True
+                except WarmexecError as exc:
+                    return exc.code != errors.TIMEOUT or _blocked_in_a_fifo()
+            wait_for(bob_settled, 10, "bob's worker to block on /etc/group or be refused")
             box.kill(cid, "KILL")
             with pytest.raises(WarmexecError) as e:
                 c.result(rid, timeout=10)
             assert e.value.code == errors.CONTAINER_EXITED
-            wait_for(lambda: "stopped" in subprocess.run(
-                ["runc", "--root", box.root, "state", cid], capture_output=True, text=True).stdout,
-                10, "runc to see the container stopped")
+            wait_for(lambda: not _procs(cgroups), 5, "every process of the container's cgroups to go")
             out = subprocess.run(["runc", "--root", box.root, "delete", cid], capture_output=True, text=True)
             assert out.returncode == 0 and "busy" not in out.stderr, out.stderr
             left = [p for p in cgroups if os.path.isdir(p)]

@@ -135,7 +135,7 @@ def test_protocol_imports_no_heavy_dependency_except_client_zmq():
 
 
 def test_zygote_import_loads_no_zmq_or_prometheus(tmp_path):
-    code = ("import sys, warmexec.worker.zygote, warmexec.worker.worker, warmexec.worker.join, warmexec.worker.creds\n"
+    code = ("import sys, warmexec.worker.zygote, warmexec.worker.worker, warmexec.worker.join\n"
             "heavy = sorted(m for m in sys.modules\n"
             "               if m.split('.')[0] in ('zmq', 'prometheus_client', 'psutil'))\n"
             "print(','.join(heavy))\n")
