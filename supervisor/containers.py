@@ -43,6 +43,10 @@ TRANSITIONS = {
 MAX_FAILURES = 5
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 5.0
+#: A worker that dies sooner than this after READY continues its run of failures (so
+#: a container that kills its worker as soon as it serves cannot make it restart in a
+#: hot loop); one that served longer starts a new run.
+STABLE_AFTER = 10.0
 
 
 #: The profile of execs that name no user and are not privileged: the container's own.
@@ -173,10 +177,11 @@ class Runtime:
     def transition(self, new: State, reason: str = "") -> None:
         if new not in TRANSITIONS[self.state]:
             raise RuntimeError(f"worker {self.name}: illegal transition {self.state.name} -> {new.name}")
-        old, self.state, self.since = self.state, new, time.monotonic()
-        if new == State.READY:
-            self.failures = 0
-        elif new == State.BACKOFF:
+        now = time.monotonic()
+        if new == State.BACKOFF and self.state == State.READY and now - self.since >= STABLE_AFTER:
+            self.failures = 0  # it had served a while: this is a new run of failures
+        old, self.state, self.since = self.state, new, now
+        if new == State.BACKOFF:
             self.failures += 1
             self.last_error = reason or self.last_error
             self.retry_at = self.since + min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.failures - 1))

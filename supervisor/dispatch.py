@@ -123,11 +123,14 @@ class Dispatcher(ExecFlow):
             return
         del self.containers[rt.name]
         rt.transition(State.EXITED, reason)
-        code = errors.CONTAINER_EXITED
+        if dying(rt):
+            code, message = errors.CONTAINER_EXITED, f"container {rt.name} exited ({reason})"
+        else:  # its state went (moved, deleted) or it was detached, but it still runs
+            code, message = errors.NO_SUCH_CONTAINER, f"container {rt.name} is no longer served ({reason})"
         for ex in list(rt.waiting):
-            self.fail(ex, code, f"container {rt.name} exited ({reason})")
+            self.fail(ex, code, message)
         for sp in list(rt.workers.values()):
-            self.drop_worker(rt, sp, code, f"container {rt.name} exited ({reason})")
+            self.drop_worker(rt, sp, code, message)
         self.loop.remove(rt.init_pidfd)
         rt.close()
         self.emit("container.removed", container=rt.name, reason=reason)
@@ -237,7 +240,8 @@ class Dispatcher(ExecFlow):
         """A worker is gone (socket closed, fork failed, late, or misbehaving)."""
         dead = dying(rt)
         count = oom_kills(rt.info)
-        if not dead and count > rt.oom_seen:
+        oom = not dead and count > rt.oom_seen
+        if oom:  # the worker is charged to the container: its memory limit can take it
             reason = f"{reason}; the container's OOM killer killed a process (memory limit)"
         rt.oom_seen = count
         code = (errors.CONTAINER_EXITED if dead else sp.error_code or errors.WORKER_LOST)
@@ -251,7 +255,7 @@ class Dispatcher(ExecFlow):
         rt.restarts += 1
         if self.metrics is not None:
             self.metrics.worker_restart()
-        if rt.failures >= MAX_FAILURES or rt.hopeless:
+        if rt.hopeless or (rt.failures >= MAX_FAILURES and not oom):  # memory comes back
             rt.transition(State.FATAL, reason)
             for ex in rt.waiting:
                 self.fail(ex, errors.WORKER_UNAVAILABLE, f"cannot serve container {rt.name}: {reason}")

@@ -23,7 +23,7 @@ import signal
 import time
 from typing import Any
 
-from ..protocol import errors, ipc, messages
+from ..protocol import errors, messages
 from ..protocol.errors import WarmexecError
 from . import status
 from .containers import DEFAULT, Runtime, State, Worker, command_pids, oom_kills

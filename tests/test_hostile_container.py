@@ -391,3 +391,87 @@ def test_nofile_limit_confines_the_commands_not_the_worker(box, hostile_supervis
     finally:
         box.delete(cid)
 
+
+
+def test_memory_pressure_answers_each_exec_and_never_crash_loops_the_worker(box, hostile_supervisor):
+    """A 48 MiB container. One command that wants more is OOM-killed and reported so,
+    its worker untouched. Then 40 execs of 6 MB each at once: the worker (about 12 MB
+    resident, the container's largest process) can be the OOM killer's choice, so each
+    exec is answered with its exit, oom_killed, or WORKER_LOST naming the OOM killer;
+    the worker comes back, a bounded number of times, and serves the next exec."""
+    cfg = box.config()
+    cfg["linux"].setdefault("resources", {})["memory"] = {"limit": 48 << 20}
+    cid = box.run("oom", cfg)
+    hog = "x=$(head -c {} /dev/zero | tr '\\0' a); sleep 1"
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, cid)
+            r = c.exec(cid, ["sh", "-c", hog.format(80_000_000)], timeout=20)
+            assert (r["exit_code"], r["signal"], r["oom_killed"]) == (137, 9, True), r
+            assert next(x for x in c.list() if x["id"] == cid)["restarts"] == 0
+            rids = [c.submit("exec", container=cid, timeout=20, argv=["sh", "-c", hog.format(6_000_000)])
+                    for _ in range(40)]
+            outcomes = []
+            for rid in rids:
+                try:
+                    r = c.result(rid, timeout=60)
+                    outcomes.append("oom" if r["oom_killed"] else f"exit {r['exit_code']}")
+                except WarmexecError as exc:
+                    assert exc.code == errors.WORKER_LOST and "OOM killer" in exc.message, exc
+                    outcomes.append(exc.code)
+            for _ in range(3):  # and again, while the worker may still be backing off
+                try:
+                    c.exec(cid, ["sh", "-c", hog.format(6_000_000)], timeout=20)
+                except WarmexecError as exc:
+                    assert exc.code in (errors.WORKER_LOST, errors.TIMEOUT), exc
+            row = next(x for x in c.list() if x["id"] == cid)
+            print(f"\n40 execs of 6 MB under 48 MiB: { {o: outcomes.count(o) for o in set(outcomes)} }, "
+                  f"{row['restarts']} worker restarts")
+            assert row["restarts"] <= 5, f"{row['restarts']} restarts: the worker crash-loops"
+            wait_ready(c, cid, 30)
+            assert c.exec(cid, ["true"], timeout=5)["exit_code"] == 0
+    finally:
+        box.delete(cid)
+
+
+def test_a_paused_containers_timed_out_exec_says_so(box, hostile_supervisor):
+    cid = box.run("pause")
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, cid)
+            rid = c.submit("exec", container=cid, argv=["sleep", "30"], timeout=1)
+            wait_for(lambda: b"sleep 30" in box.exec(cid, ["ps", "-o", "args"]).stdout, 10, "the sleep")
+            subprocess.run(["runc", "--root", box.root, "pause", cid], check=True)
+            t0 = time.monotonic()
+            try:
+                with pytest.raises(WarmexecError) as e:
+                    c.result(rid, timeout=10)
+            finally:
+                subprocess.run(["runc", "--root", box.root, "resume", cid], check=True)
+            assert e.value.code == errors.CONTAINER_PAUSED and "timed out" in e.value.message
+            assert time.monotonic() - t0 < 3
+            wait_for(lambda: b"sleep 30" not in box.exec(cid, ["ps", "-o", "args"]).stdout, 5,
+                     "the killed sleep to go once thawed")
+            assert c.exec(cid, ["true"], timeout=5)["exit_code"] == 0
+    finally:
+        box.delete(cid)
+
+
+def test_a_container_whose_state_moves_away_is_not_said_to_have_exited(box, hostile_supervisor):
+    cid = box.run("moved")
+    state = os.path.join(box.root, cid)
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, cid)
+            rid = c.submit("exec", container=cid, argv=["sleep", "30"])
+            wait_for(lambda: b"sleep 30" in box.exec(cid, ["ps", "-o", "args"]).stdout, 10, "the sleep")
+            os.rename(state, state + ".away")
+            with pytest.raises(WarmexecError) as e:
+                c.result(rid, timeout=10)
+            assert e.value.code == errors.NO_SUCH_CONTAINER and "no longer served" in e.value.message
+            os.rename(state + ".away", state)
+            wait_ready(c, cid)
+    finally:
+        if os.path.exists(state + ".away"):
+            os.rename(state + ".away", state)
+        box.delete(cid)
