@@ -74,6 +74,9 @@ class Worker:
         self.ready = False
         self.error = ""  # why it failed to set up, if it said
         self.error_code = ""
+        self.exit_seq = 0  # the last exit it reported (its zombie waits for our ack)
+        self.acked = 0
+        self.ack_pending = False
 
     def attach(self, sock: socket.socket, pid: int, pidfd: int) -> None:
         self.sock, self.outbox = sock, Outbox(sock)

@@ -30,6 +30,7 @@ from .containers import DEFAULT, Runtime, State, Worker, command_pids, oom_kills
 from .execs import Exec
 
 KILL_GRACE = 1.0  # after a timeout kill, how long the worker has to report the exit
+ACK_DELAY = 0.02  # at most this long a worker keeps an exited command's zombie, idle
 MAX_PROFILES = 8  # warm workers per container beside its own
 
 
@@ -39,20 +40,29 @@ class ExecFlow:
     limits and ``active``; and which provides ``start_worker``, ``send_to`` and ``lost``."""
 
     def on_exec_message(self, rt: Runtime, sp: Worker, op: str, msg: dict, fds: list[int]) -> None:
+        try:
+            self.on_exec_event(rt, sp, op, msg, fds)
+        finally:  # its pidfd read (or not), the worker may reap the command
+            if op == "exited" and isinstance(msg.get("seq"), int) and msg["seq"] > sp.exit_seq:
+                self.ack_later(sp, msg["seq"])
+
+    def on_exec_event(self, rt: Runtime, sp: Worker, op: str, msg: dict, fds: list[int]) -> None:
         ex = sp.inflight.get(msg.get("id"))
-        if op == "started":  # read the pidfd (or not), then let the worker reap
-            if ex is not None and ex.started is None:
-                self.on_started(rt, ex, msg, fds)
-            return self.send_to(sp, {"op": "seen", "id": msg.get("id")})
         if ex is None:
             return
+        if op == "started" and ex.started is None:
+            self.on_started(rt, ex, msg, fds)
         elif op == "out":
             data, out = msg["data"], ex.output[msg.get("stream") == 2]
-            out += data[:max(0, ex.req.capture - len(out))]  # the worker is not trusted
+            if not isinstance(data, bytes) or len(out) + len(data) > ex.req.capture:
+                raise ValueError("output past the exec's capture")  # no worker of ours sends that
+            out += data
         elif op == "failed":
             del sp.inflight[ex.exec_id]
             self.on_failed(rt, ex, msg)
         elif op == "exited":
+            if ex.started is None:  # never announced: it exited that quickly
+                self.on_started(rt, ex, msg, fds, announced=False)
             fields = ex.result(msg)  # first: a malformed message leaves the exec in flight
             del sp.inflight[ex.exec_id]
             if fields["signal"] == signal.SIGKILL:
@@ -64,11 +74,12 @@ class ExecFlow:
                 fields["timed_out"] = False  # it exited on its own before the kill landed
             self.finish(ex, rt, messages.ok_reply(ex.req_id, **fields))
 
-    def on_started(self, rt: Runtime, ex: Exec, msg: dict, fds: list[int]) -> None:
-        """The worker spawned the command. Its pidfd is the only word on it that is
-        taken: the host pid and the container pid come from the kernel (and only if the
-        process is in the container's pid namespace); the pidfd is kept, to kill the
-        command's group at its timeout or if its worker is lost."""
+    def on_started(self, rt: Runtime, ex: Exec, msg: dict, fds: list[int], announced: bool = True) -> None:
+        """The worker spawned the command (and, unless announced, it has exited: a
+        zombie the worker keeps until our ack). Its pidfd is the only word on it that is
+        taken: the host pid and the container pid come from the kernel, and only if the
+        process is in the container's pid namespace; a running command's pidfd is kept,
+        to kill its group at its timeout or if its worker is lost."""
         now = time.monotonic()
         at = msg.get("started_at")  # CLOCK_MONOTONIC is shared; a lying worker skews only its own
         ex.started = min(max(at, ex.dispatched or ex.received), now) if isinstance(at, float) else now
@@ -76,12 +87,14 @@ class ExecFlow:
             pids = command_pids(fds[0], rt.pid_ns)
             if pids is not None:
                 ex.pid, ex.container_pid = pids
-                ex.pidfd = os.dup(fds[0])
+                if announced:
+                    ex.pidfd = os.dup(fds[0])
         elif isinstance(msg.get("pid"), int):  # no pidfd (seccomp): the worker's word,
             ex.container_pid = msg["pid"]       # used for nothing but the reply
         if self.metrics is not None:
             self.metrics.spawned(rt.name, ex.started - ex.received)
-        self.hook("start", rt, ex)
+        if announced:
+            self.hook("start", rt, ex)
 
     def on_failed(self, rt: Runtime, ex: Exec, msg: dict) -> None:
         code, message, exit_code = status.spawn_failure(msg.get("errno", 0), msg.get("stage", ""),
@@ -150,7 +163,9 @@ class ExecFlow:
         ex.dispatched = sp.last_used = time.monotonic()  # before the worker can start it
         try:
             self.send_to(sp, {"op": "spawn", "id": ex.exec_id, "argv": req.argv, "env": req.env,
-                              "cwd": req.cwd, "capture": req.capture, "stdin": bool(stdin)}, stdin)
+                              "cwd": req.cwd, "capture": req.capture, "stdin": bool(stdin),
+                              "announce": self.wants_starts(), "ack": sp.exit_seq}, stdin)
+            sp.acked = sp.exit_seq
         except OSError as exc:
             ex.close()
             return self.fail(ex, errors.WORKER_LOST, f"worker unreachable: {exc.strerror}")
@@ -206,6 +221,27 @@ class ExecFlow:
         self.fail(ex, errors.TIMEOUT, f"timed out after {ex.req.timeout}s and killed; {why}")
         if ex.started is None or state in ("T", "t"):  # a wedged worker serves no one: replace it
             self.lost(rt, sp, f"wedged ({why})")
+
+    def wants_starts(self) -> bool:
+        """Must workers report each start at once (start hooks, the event stream)?"""
+        return self.publish is not None or (self.hooks is not None and self.hooks.wants("start"))
+
+    def ack_later(self, sp: Worker, seq: int) -> None:
+        """Let the worker reap its zombies up to seq: with the next spawn, or alone
+        ACK_DELAY from now if none goes out by then."""
+        sp.exit_seq = seq
+        if not sp.ack_pending:
+            sp.ack_pending = True
+            self.loop.call_at(time.monotonic() + ACK_DELAY, lambda: self._send_ack(sp))
+
+    def _send_ack(self, sp: Worker) -> None:
+        sp.ack_pending = False
+        if sp.outbox is not None and sp.exit_seq > sp.acked:
+            try:
+                self.send_to(sp, {"op": "ack", "ack": sp.exit_seq})
+                sp.acked = sp.exit_seq
+            except OSError:
+                pass
 
     def hook(self, kind: str, rt: Runtime, ex: Exec, result: dict | None = None) -> None:
         """An exec started or exited: for hooks and the event stream (never logged at

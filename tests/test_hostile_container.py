@@ -475,3 +475,68 @@ def test_a_container_whose_state_moves_away_is_not_said_to_have_exited(box, host
         if os.path.exists(state + ".away"):
             os.rename(state + ".away", state)
         box.delete(cid)
+
+
+def _take_socket(worker_pid: int) -> "socket.socket":
+    """What a CAP_SYS_PTRACE container can do to its worker: take its socket to the
+    supervisor (pidfd_getfd, the same ptrace-access check)."""
+    import socket as _socket
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(worker_pid)
+    try:
+        for fd in sorted(int(n) for n in os.listdir(f"/proc/{worker_pid}/fd")):
+            if os.readlink(f"/proc/{worker_pid}/fd/{fd}").startswith("socket:"):
+                got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+                assert got >= 0, ctypes.get_errno()
+                return _socket.socket(fileno=got)
+    finally:
+        os.close(pidfd)
+    raise AssertionError("the worker has no socket")
+
+
+def test_a_taken_over_worker_cannot_make_the_supervisor_kill_a_host_process(box, hostile_supervisor):
+    """The container stops its worker and speaks on its socket: it reads the spawn,
+    answers "started" with a pidfd of a host process, then floods output. The host
+    process is never taken for the command (its timeout kills nothing of the host), and
+    output past the exec's capture makes the supervisor drop the worker."""
+    from warmexec.protocol import ipc
+    cid = box.run("takeover")
+    victim = subprocess.Popen(["sleep", "100"])
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            worker = wait_ready(c, cid)["worker_pid"]
+            os.kill(worker, signal.SIGSTOP)
+            sock = _take_socket(worker)
+            rid = c.submit("exec", container=cid, argv=["sleep", "30"], timeout=1, capture=100)
+            spawn, fds = ipc.recv(sock)
+            for fd in fds:
+                os.close(fd)
+            assert spawn["op"] == "spawn"
+            vfd = os.pidfd_open(victim.pid)
+            ipc.send(sock, {"op": "started", "id": spawn["id"], "pid": victim.pid,
+                            "started_at": time.monotonic()}, [vfd])
+            os.close(vfd)
+            with pytest.raises(WarmexecError) as e:
+                c.result(rid, timeout=10)
+            assert e.value.code == errors.TIMEOUT
+            assert victim.poll() is None, "the supervisor killed a host process a worker named"
+            sock.close()  # that worker, stopped, was replaced: take over the next one
+            worker = wait_for(lambda: (r := next(x for x in c.list() if x["id"] == cid))["state"] == "READY"
+                              and r["worker_pid"] != worker and r["worker_pid"], 15, "a new worker")
+            os.kill(worker, signal.SIGSTOP)
+            sock = _take_socket(worker)
+            rid = c.submit("exec", container=cid, argv=["true"], capture=100)
+            spawn, _ = ipc.recv(sock)
+            ipc.send(sock, {"op": "out", "id": spawn["id"], "stream": 1, "data": b"x" * 4096})
+            with pytest.raises(WarmexecError) as e:
+                c.result(rid, timeout=10)
+            assert e.value.code == errors.WORKER_LOST and "malformed" in e.value.message, e.value
+            sock.close()
+            assert victim.poll() is None
+            wait_for(lambda: (r := next(x for x in c.list() if x["id"] == cid))["state"] == "READY"
+                     and r["worker_pid"] != worker, 15, "a new worker")
+            assert c.exec(cid, ["true"], timeout=5)["exit_code"] == 0
+    finally:
+        victim.kill()
+        victim.wait()
+        box.delete(cid)

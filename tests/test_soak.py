@@ -91,12 +91,12 @@ def run_execs(c: CountingClient, containers: list[str], first: int, count: int) 
     return ids
 
 
-ROLES = {1: "zygote", 2: "worker", 3: "spawner"}  # spawners: a process per profile up to 1f779be
+ROLES = {1: "zygote", 2: "worker"}  # deeper: commands (and their zombies until the worker's ack)
 
 
 class Usage:
-    """The supervisor's fds, threads and RSS, and the RSS of each of its descendants
-    (named by depth: the zygote's children are workers)."""
+    """The supervisor's fds, threads and RSS, and the RSS of its zygote and workers
+    (named by depth: the zygote's children are workers, once their joiners exit)."""
 
     def __init__(self, pid: int) -> None:
         p = psutil.Process(pid)
@@ -106,8 +106,10 @@ class Usage:
         todo = [(child, 1) for child in p.children()]
         while todo:
             child, depth = todo.pop()
+            if depth not in ROLES:
+                continue
             with contextlib.suppress(psutil.Error):
-                self.children[child.pid] = (ROLES.get(depth, f"depth {depth}"), child.memory_info().rss)
+                self.children[child.pid] = (ROLES[depth], child.memory_info().rss)
                 todo.extend((c, depth + 1) for c in child.children())
 
     def __str__(self) -> str:

@@ -5,14 +5,14 @@ with one credential profile already taken, so each exec is a ``posix_spawn`` (vf
 exec) in a new session that inherits all of it. It talks to the supervisor over its
 socketpair::
 
-    supervisor -> {op: spawn, id, argv, env, cwd, capture, stdin} (+ fds [stdin] if stdin)
+    supervisor -> {op: spawn, id, argv, env, cwd, capture, stdin, announce, ack}
+                  (+ fds [stdin] if stdin)
     worker     -> {op: started, id, pid, started_at} + fds [pidfd of the command]
                 | {op: failed, id, errno, stage}
-    supervisor -> {op: seen, id}  (it has read the command's host pid from the pidfd)
     worker     -> {op: out, id, stream, data}...  (only for output over one message)
-    worker     -> {op: exited, id, status, utime, stime, maxrss,
-                   stdout, stderr, stdout_total, stderr_total}
-    supervisor -> {op: kill, id, signal}
+    worker     -> {op: exited, id, seq, status, utime, stime, maxrss, pid, started_at,
+                   stdout, stderr, stdout_total, stderr_total} + fds [pidfd]
+    supervisor -> {op: kill, id, signal} | {op: ack, ack}
 
 The worker is a process of the container: the container can see it, signal it and,
 with CAP_SYS_PTRACE, trace it. So it holds nothing a container process may not hold:
@@ -24,12 +24,18 @@ hint (``pid`` is the container pid), the host pid comes from the pidfd.
 
 The worker owns its commands' output pipes and keeps up to ``capture`` bytes of each
 stream (the rest is read and dropped): a flood costs the container's CPU, never the
-supervisor's memory. A command's exit is learnt from its pidfd turning readable, and it
-is reaped (wait4, for its rusage) only once the supervisor has said ``seen``: until
-then the zombie keeps its pid, which is what the supervisor's pidfd tells the host pid
-from. Under a seccomp allow-list that predates pidfd_open, SIGCHLD (through a wakeup
-pipe) tells of exits instead, and the supervisor learns no host pid. A worker has no
-children but its commands.
+supervisor's memory.
+
+"started" goes at once when the spawn asks to ``announce`` it (start hooks or event
+subscribers want it), otherwise only for a command still running ANNOUNCE_AFTER later:
+a probe that exits sooner costs one message each way. Its pidfd, sent with "started"
+or with "exited", is how the supervisor learns the host pid (from the kernel, never
+from us). So a command's exit is taken from its pidfd without reaping it (waitid
+WNOWAIT, with its rusage) and the zombie, which keeps its pid, is reaped only once the
+supervisor's ``ack`` (carried by its next spawn, or sent alone soon after) covers that
+exit's ``seq``. Under a seccomp allow-list that predates pidfd_open, SIGCHLD (through a
+wakeup pipe) tells of exits instead, each reaped at once, and the supervisor learns no
+host pid. A worker has no children but its commands.
 """
 
 from __future__ import annotations
@@ -44,9 +50,10 @@ import stat
 import time
 
 from ..protocol import ipc
-from . import creds
+from . import creds, linux
 
 CHUNK = 96 * 1024  # output per message: well under a socketpair's default send buffer
+ANNOUNCE_AFTER = 0.002  # seconds a command runs before an unasked-for "started" is sent
 _READ = 65536
 PATH_CACHE_BYTES = 64 * 1024  # $PATH values remembered, in bytes of their text
 
@@ -79,12 +86,10 @@ class Output:
 
 
 class Child:
-    __slots__ = ("pid", "exec_id", "outputs", "pidfd", "seen", "exited", "started_at")
+    __slots__ = ("pid", "exec_id", "outputs", "pidfd", "started_at")
 
     def __init__(self, pid: int, exec_id: object, outputs: list[Output], pidfd: int) -> None:
         self.pid, self.exec_id, self.outputs, self.pidfd = pid, exec_id, outputs, pidfd
-        self.seen = pidfd < 0  # without a pidfd there is nothing for the supervisor to read
-        self.exited = False
         self.started_at = time.monotonic()
 
 
@@ -106,6 +111,9 @@ class ExecLoop:
         self.by_id: dict[object, Child] = {}
         self.by_pidfd: dict[int, Child] = {}
         self.pipes: dict[int, Output] = {}  # read end -> output
+        self.unannounced: dict[object, Child] = {}  # exec id -> child, oldest first
+        self.zombies: dict[int, int] = {}  # exit seq -> pid, until the supervisor's ack
+        self.seq = 0
         self.paths = PathCache(PATH_CACHE_BYTES)
         self.poll = select.poll()
         self.poll.register(sock, select.POLLIN)
@@ -120,7 +128,11 @@ class ExecLoop:
 
     def run(self) -> None:
         while True:
-            for fd, _ in self.poll.poll():
+            wait = None
+            if self.unannounced:
+                oldest = next(iter(self.unannounced.values()))
+                wait = max(0.0, oldest.started_at + ANNOUNCE_AFTER - time.monotonic()) * 1000
+            for fd, _ in self.poll.poll(wait):
                 if fd == self.sock.fileno():
                     msg, fds = ipc.recv(self.sock)
                     if msg is None:  # supervisor gone (its commands stay, as runc exec's),
@@ -131,28 +143,22 @@ class ExecLoop:
                     if out.read(1 << 20):
                         self.close_output(out)
                 elif fd in self.by_pidfd:
-                    child = self.by_pidfd[fd]
-                    child.exited = True
-                    self.poll.unregister(fd)
-                    if child.seen:
-                        self.reap(child)
+                    self.exited(self.by_pidfd[fd])
                 elif fd == self.sigchld:
                     os.read(fd, 4096)
                     self.reap_any()
+            if self.unannounced:
+                self.announce_due()
 
     def handle(self, msg: dict, fds: list[int]) -> None:
         op = msg.get("op")
         try:
+            if isinstance(msg.get("ack"), int):
+                self.reap_acked(msg["ack"])
             if op == "spawn":
                 if msg.get("stdin") and not fds:  # no room for it under our fd limit
                     return self.fail(msg["id"], errno.EMFILE, "stdin")
                 self.spawn(msg, fds[0] if fds else 0)  # fd 0 reads nothing
-            elif op == "seen":
-                child = self.by_id.get(msg.get("id"))
-                if child is not None and not child.seen:
-                    child.seen = True
-                    if child.exited:
-                        self.reap(child)
             elif op == "kill":
                 child = self.by_id.get(msg.get("id"))
                 if child is not None:
@@ -217,8 +223,24 @@ class ExecLoop:
         for out in outputs:
             self.pipes[out.fd] = out
             self.poll.register(out.fd, select.POLLIN)
-        ipc.send(self.sock, {"op": "started", "id": exec_id, "pid": pid, "started_at": child.started_at},
-                 [pidfd] if pidfd >= 0 else [])
+        if msg.get("announce", True):
+            self.announce(child)
+        else:
+            self.unannounced[exec_id] = child
+
+    def announce(self, child: Child) -> None:
+        ipc.send(self.sock, {"op": "started", "id": child.exec_id, "pid": child.pid,
+                             "started_at": child.started_at},
+                 [child.pidfd] if child.pidfd >= 0 else [])
+
+    def announce_due(self) -> None:
+        """Send "started" for the commands that have now run ANNOUNCE_AFTER."""
+        due = time.monotonic() - ANNOUNCE_AFTER
+        for exec_id, child in list(self.unannounced.items()):
+            if child.started_at > due:
+                return
+            del self.unannounced[exec_id]
+            self.announce(child)
 
     def start(self, path: str, argv: list[str], env: dict, fds: list[int]) -> int:
         if self.deferred:
@@ -271,6 +293,33 @@ class ExecLoop:
             os.close(out.fd)
             out.fd = -1
 
+    def exited(self, child: Child) -> None:
+        """Its pidfd turned readable: report the exit, keeping the zombie (see above)."""
+        fd, keep = child.pidfd, True
+        try:
+            found = linux.exit_status(fd)
+        except OSError:  # no waitid(P_PIDFD) here: reap it now, the host pid stays unknown
+            _, status, ru = os.wait4(child.pid, 0)
+            found, keep = (status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss), False
+        if found is None:
+            return  # a stale event
+        self.poll.unregister(fd)
+        del self.by_pidfd[fd]
+        if keep:
+            self.seq += 1
+            self.zombies[self.seq] = child.pid
+        else:
+            os.close(fd)
+            child.pidfd = -1
+        self.report(child, *found)
+
+    def reap_acked(self, ack: int) -> None:
+        for seq in [s for s in self.zombies if s <= ack]:
+            try:
+                os.waitpid(self.zombies.pop(seq), os.WNOHANG)
+            except ChildProcessError:
+                pass
+
     def reap_any(self) -> None:
         """SIGCHLD: reap every command that has exited (no pidfds here)."""
         while self.by_pid:
@@ -282,20 +331,11 @@ class ExecLoop:
                 return
             child = self.by_pid.get(pid)
             if child is not None:
-                self.report(child, status, ru)
+                self.report(child, status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss)
 
-    def reap(self, child: Child) -> None:
-        pid, status, ru = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            self.report(child, status, ru)
-
-    def report(self, child: Child, status: int, ru: object) -> None:
+    def report(self, child: Child, status: int, utime: float, stime: float, maxrss: int) -> None:
         del self.by_id[child.exec_id], self.by_pid[child.pid]
-        if child.pidfd >= 0:
-            del self.by_pidfd[child.pidfd]
-            if not child.exited:
-                self.poll.unregister(child.pidfd)
-            os.close(child.pidfd)
+        self.unannounced.pop(child.exec_id, None)
         for out in child.outputs:  # all the command wrote is in the pipe by now; a
             if out.fd >= 0:        # lingering grandchild cannot keep us here
                 out.read(1 << 20)
@@ -307,10 +347,15 @@ class ExecLoop:
                                          "data": data[i:i + CHUNK]})
             stdout = stderr = b""
         totals = [o.total for o in child.outputs] or [0, 0]
-        ipc.send(self.sock, {"op": "exited", "id": child.exec_id, "status": status,
-                             "utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss": ru.ru_maxrss,
+        seq = self.seq if child.pidfd >= 0 else 0
+        ipc.send(self.sock, {"op": "exited", "id": child.exec_id, "seq": seq, "status": status,
+                             "utime": utime, "stime": stime, "maxrss": maxrss, "pid": child.pid,
+                             "started_at": child.started_at,
                              "stdout": stdout, "stderr": stderr,
-                             "stdout_total": totals[0], "stderr_total": totals[1]})
+                             "stdout_total": totals[0], "stderr_total": totals[1]},
+                 [child.pidfd] if child.pidfd >= 0 else [])
+        if child.pidfd >= 0:
+            os.close(child.pidfd)
         for out in child.outputs:
             self.close_output(out)
 
