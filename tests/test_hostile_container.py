@@ -14,13 +14,14 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from warmexec.protocol import Client, errors
+from warmexec.protocol import Client, errors, ipc
 from warmexec.protocol.errors import WarmexecError
 
 from .conftest import Supervisor, wait_for, wait_ready
@@ -477,10 +478,9 @@ def test_a_container_whose_state_moves_away_is_not_said_to_have_exited(box, host
         box.delete(cid)
 
 
-def _take_socket(worker_pid: int) -> "socket.socket":
+def _take_socket(worker_pid: int) -> socket.socket:
     """What a CAP_SYS_PTRACE container can do to its worker: take its socket to the
     supervisor (pidfd_getfd, the same ptrace-access check)."""
-    import socket as _socket
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(worker_pid)
     try:
@@ -488,7 +488,7 @@ def _take_socket(worker_pid: int) -> "socket.socket":
             if os.readlink(f"/proc/{worker_pid}/fd/{fd}").startswith("socket:"):
                 got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
                 assert got >= 0, ctypes.get_errno()
-                return _socket.socket(fileno=got)
+                return socket.socket(fileno=got)
     finally:
         os.close(pidfd)
     raise AssertionError("the worker has no socket")
@@ -499,7 +499,6 @@ def test_a_taken_over_worker_cannot_make_the_supervisor_kill_a_host_process(box,
     answers "started" with a pidfd of a host process, then floods output. The host
     process is never taken for the command (its timeout kills nothing of the host), and
     output past the exec's capture makes the supervisor drop the worker."""
-    from warmexec.protocol import ipc
     cid = box.run("takeover")
     victim = subprocess.Popen(["sleep", "100"])
     try:
