@@ -147,7 +147,7 @@ class Dispatcher(ExecFlow):
         sp = rt.workers[key] = Worker(key)
         tag = next(self.tags)
         self.forks[tag] = (rt, sp)
-        self.zygote.fork(tag, rt.info.spec(), key[0] or None, key[1])
+        self.zygote.fork(tag, rt.info.process.get("seccomp"))
         self.loop.call_at(time.monotonic() + WORKER_START_TIMEOUT, lambda: self.start_overdue(rt, sp))
         return sp
 
@@ -171,6 +171,11 @@ class Dispatcher(ExecFlow):
         if sp.key == DEFAULT:
             rt.transition(State.JOINING)
         self.loop.add(fds[0], lambda mask: self.on_worker(rt, sp, mask))
+        try:
+            self.send_to(sp, {"op": "join", "spec": rt.info.spec(), "user": sp.key[0] or None,
+                              "privileged": sp.key[1]})
+        except OSError as exc:
+            self.lost(rt, sp, f"joiner unreachable: {exc.strerror}")
 
     def zygote_replaced(self, zygote: Any) -> None:
         """The zygote died: workers it was forking are lost; later ones use the new one.

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -39,19 +40,48 @@ MAX_FRAMES = 8  # identities (proxies add one each), the REQ delimiter, payload
 MAX_ENVELOPE = 4096  # bytes of all of them but the payload
 REPLY_DROPPED = "REPLY_DROPPED"  # a metrics label, never a reply
 SNDHWM = 1000
+SMALL_REPLY = 4 << 10  # bytes: a reply up to this is copied into zmq, bounded by SNDHWM alone
+REPLY_BUDGET = 8 << 20  # bytes of larger replies zmq may hold for one client
+TRACKED_COST = 1 << 10  # what the ledger charges a large reply beyond its bytes (its tracker)
+SWEEP_INTERVAL = 1.0  # seconds: how soon the ledger forgets clients that went away
 # Plain ints: each use of pyzmq's flag enums builds an Enum object, on every message.
 NOBLOCK = int(zmq.NOBLOCK)
 MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
+class Timer:
+    """A pending ``Loop.call_at``. ``cancel()`` drops the callback at once, and with it
+    everything the callback holds (an exec's request, stdin and output): a timer that
+    only waited for its deadline kept a finished exec alive until then."""
+
+    __slots__ = ("fn", "_loop")
+
+    def __init__(self, loop: Loop, fn: Callable[[], None]) -> None:
+        self.fn: Callable[[], None] | None = fn
+        self._loop = loop
+
+    def cancel(self) -> None:
+        """Idempotent; a no-op once the timer has fired."""
+        if self.fn is not None:
+            self.fn = None
+            self._loop._cancelled_one()
+
+
 class Loop:
-    """epoll + a timer heap. Handlers are called with the epoll event mask."""
+    """epoll + a timer heap. Handlers are called with the epoll event mask.
+
+    A cancelled timer leaves an empty entry in the heap (removing it from the middle of
+    a heap is O(n)): when such entries are most of the heap, it is rebuilt without
+    them, so the heap stays within twice the live timers (plus COMPACT_MIN)."""
+
+    COMPACT_MIN = 256
 
     def __init__(self) -> None:
         self.epoll = select.epoll()
         self.handlers: dict[int, Callable[[int], None]] = {}
-        self.timers: list[tuple[float, int, Callable[[], None]]] = []
+        self.timers: list[tuple[float, int, Timer]] = []
+        self._cancelled = 0  # entries of self.timers whose Timer was cancelled
         self._seq = itertools.count()
         self.running = True
 
@@ -66,14 +96,35 @@ class Loop:
         if self.handlers.pop(fd, None) is not None:
             self.epoll.unregister(fd)
 
-    def call_at(self, when: float, fn: Callable[[], None]) -> None:
-        heapq.heappush(self.timers, (when, next(self._seq), fn))
+    def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
+        timer = Timer(self, fn)
+        heapq.heappush(self.timers, (when, next(self._seq), timer))
+        return timer
+
+    def _cancelled_one(self) -> None:
+        self._cancelled += 1
+        if self._cancelled > self.COMPACT_MIN and 2 * self._cancelled > len(self.timers):
+            self.timers = [entry for entry in self.timers if entry[2].fn is not None]
+            heapq.heapify(self.timers)
+            self._cancelled = 0
+
+    def _next_due(self) -> float | None:
+        """The deadline of the first live timer (cancelled ones at the top are dropped)."""
+        timers = self.timers
+        while timers and timers[0][2].fn is None:
+            heapq.heappop(timers)
+            self._cancelled -= 1
+        return timers[0][0] if timers else None
 
     def run_once(self, max_wait: float = 1.0) -> None:
         now = time.monotonic()
-        while self.timers and self.timers[0][0] <= now:
-            self._call(heapq.heappop(self.timers)[2])
-        wait = max_wait if not self.timers else min(max_wait, max(0.0, self.timers[0][0] - now))
+        due = self._next_due()
+        while due is not None and due <= now:
+            timer = heapq.heappop(self.timers)[2]
+            fn, timer.fn = timer.fn, None  # fired: a later cancel() is a no-op
+            self._call(fn)
+            due = self._next_due()
+        wait = max_wait if due is None else min(max_wait, max(0.0, due - now))
         try:
             events = self.epoll.poll(wait)
         except InterruptedError:
@@ -92,6 +143,66 @@ class Loop:
             log.exception("internal error in %r", fn)
 
 
+class ReplyBudget:
+    """The bytes of large replies ZeroMQ still holds, per client: past REPLY_BUDGET a
+    reply is dropped (and counted REPLY_DROPPED), not queued.
+
+    A ROUTER bounds what it queues for a peer in messages (SNDHWM), not bytes, and says
+    nothing of how much of it the peer has taken. So a reply over SMALL_REPLY is sent
+    zero-copy with a pyzmq MessageTracker: libzmq holds our own bytes object instead of a
+    copy, and lets go of it once it has written its last byte into the client's
+    connection (or dropped it with the connection), when pyzmq's garbage-collector thread
+    marks the tracker done. The ledger is exact about what a client pins, not an
+    estimate. A client that reads keeps it near zero (its zmq I/O thread empties the
+    connection even while its application is busy, up to its own RCVHWM); one that stops
+    reading fills it, and what it is sent after that is dropped. zmq writes one peer's
+    messages in order, so they are released in order.
+
+    What one client (one connection: ZeroMQ's peer) can pin in all: SNDHWM small replies,
+    each at most SMALL_REPLY plus its envelope (MAX_ENVELOPE), and REPLY_BUDGET of large
+    ones, with their trackers; about 16 MiB. A client with many connections has as many
+    budgets: the IPC endpoint is root's alone, a TCP one needs an authorised key.
+    """
+
+    def __init__(self, budget: int = REPLY_BUDGET) -> None:
+        self.budget = budget
+        self.held: dict[bytes, int] = {}  # peer -> bytes charged and not released
+        self.queues: dict[bytes, deque[tuple[int, zmq.MessageTracker]]] = {}
+
+    def admit(self, peer: bytes, size: int) -> bool:
+        """May size more bytes go to peer? One reply always may, however large."""
+        held = self.release(peer)
+        return held == 0 or held + size <= self.budget
+
+    def charge(self, peer: bytes, size: int, tracker: zmq.MessageTracker) -> None:
+        queue = self.queues.get(peer)
+        if queue is None:
+            queue = self.queues[peer] = deque()
+            self.held[peer] = 0
+        queue.append((size, tracker))
+        self.held[peer] += size
+
+    def release(self, peer: bytes) -> int:
+        """Forget what zmq has let go of; return what peer still holds."""
+        queue = self.queues.get(peer)
+        if queue is None:
+            return 0
+        held = self.held[peer]
+        while queue and queue[0][1].done:
+            held -= queue.popleft()[0]
+        if queue:
+            self.held[peer] = held
+            return held
+        del self.queues[peer], self.held[peer]
+        return 0
+
+    def sweep(self) -> bool:
+        """Release every peer (those gone included); True while some still hold bytes."""
+        for peer in list(self.queues):
+            self.release(peer)
+        return bool(self.queues)
+
+
 class Zygote:
     """The fresh interpreter every worker is forked from (see warmexec.worker.zygote)."""
 
@@ -104,9 +215,11 @@ class Zygote:
         theirs.close()
         self.sock = ours
 
-    def fork(self, tag: Any, spec: dict, user: str | None, privileged: bool) -> None:
-        ipc.send(self.sock, {"op": "fork", "tag": tag, "spec": spec, "user": user,
-                             "privileged": privileged})
+    def fork(self, tag: Any, seccomp: dict | None) -> None:
+        """Ask for a joiner. Only the seccomp profile goes through the zygote (it compiles
+        each once); the container's spec goes to the joiner alone, over its own socket,
+        so that no worker's memory, copied from the zygote's, holds another container's."""
+        ipc.send(self.sock, {"op": "fork", "tag": tag, "seccomp": seccomp})
 
     def close(self) -> None:
         self.sock.close()
@@ -140,12 +253,14 @@ class Supervisor:
         self.router.setsockopt(zmq.MAXMSGSIZE, codec.MAX_MESSAGE)
         # Per client: replies it has not read, requests we have not read. Past SNDHWM a
         # reply to a client that stopped reading is dropped and counted (REPLY_DROPPED).
-        # A client may keep up to max_inflight execs in flight, so the mark is that high:
-        # a non-reading client can hold SNDHWM replies of up to 2 x 1 MiB each.
+        # A client may keep up to max_inflight execs in flight, so the mark is that high;
+        # in bytes, a client's unread replies are bounded by self.budget (ReplyBudget).
         self.router.setsockopt(zmq.SNDHWM, SNDHWM)
         self.router.setsockopt(zmq.RCVHWM, 1000)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises: count it
         self.router.setsockopt(zmq.LINGER, 0)
+        self.budget = ReplyBudget()
+        self._sweeping = False  # a sweep of self.budget is scheduled
         self.auth = auth
         if auth is not None:
             auth.secure(self.ctx, self.router)
@@ -282,7 +397,7 @@ class Supervisor:
             self.metrics.request(len(payload))
         try:
             req = codec.unpack_map(payload)
-            req_id = req.get("id")
+            req_id = messages.echoable_id(req)  # before any reply: an id too large is not echoed
             req_id, op = messages.check_envelope(req)
             if self.stopping:
                 raise WarmexecError(errors.SHUTTING_DOWN, "supervisor is shutting down")
@@ -317,6 +432,8 @@ class Supervisor:
 
     def reply(self, envelope: list[bytes], msg: dict) -> None:
         data = codec.pack(msg)
+        if len(data) > SMALL_REPLY:
+            return self._reply_large(envelope, data)
         send = self.router.send
         try:
             for frame in envelope:  # the first one (the client's identity) routes it all
@@ -326,3 +443,32 @@ class Supervisor:
             self.dispatch.count_error(REPLY_DROPPED)
         except zmq.ZMQError as exc:  # client gone, unroutable
             log.debug("reply dropped: %s", exc)
+
+    def _reply_large(self, envelope: list[bytes], data: bytes) -> None:
+        """Send zero-copy and tracked, within the client's byte budget (ReplyBudget)."""
+        peer, size = envelope[0], len(data) + sum(map(len, envelope)) + TRACKED_COST
+        if not self.budget.admit(peer, size):
+            self.dispatch.count_error(REPLY_DROPPED)
+            return
+        send = self.router.send
+        try:
+            for frame in envelope:
+                send(frame, MORE)
+            tracker = send(zmq.Frame(data, track=True, copy=False), NOBLOCK, copy=False, track=True)
+        except zmq.Again:
+            self.dispatch.count_error(REPLY_DROPPED)
+            return
+        except zmq.ZMQError as exc:
+            log.debug("reply dropped: %s", exc)
+            return
+        self.budget.charge(peer, size, tracker)
+        if not self._sweeping:
+            self._sweeping = True
+            self.loop.call_at(time.monotonic() + SWEEP_INTERVAL, self._sweep_budget)
+
+    def _sweep_budget(self) -> None:
+        """Forget clients whose large replies zmq has all written or dropped: a client
+        that went away is never replied to again, so never released by admit()."""
+        self._sweeping = self.budget.sweep()
+        if self._sweeping:
+            self.loop.call_at(time.monotonic() + SWEEP_INTERVAL, self._sweep_budget)

@@ -539,3 +539,55 @@ def test_a_taken_over_worker_cannot_make_the_supervisor_kill_a_host_process(box,
         victim.kill()
         victim.wait()
         box.delete(cid)
+
+
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    """Read every readable mapping of pid (what a CAP_SYS_PTRACE process may read); a
+    process gone meanwhile (a joiner) holds nothing."""
+    try:
+        maps, mem = open(f"/proc/{pid}/maps"), open(f"/proc/{pid}/mem", "rb", 0)
+    except FileNotFoundError:
+        return False
+    with maps, mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1] or (len(fields) > 5 and fields[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def test_a_worker_holds_nothing_of_another_container(box, hostile_supervisor):
+    """Workers are copies of the zygote's memory: had the zygote ever held a container's
+    spec, a later worker, which a CAP_SYS_PTRACE container can read, would carry it.
+    Container B's environment (with a secret) and an exec's env into B never reach the
+    memory of A's workers."""
+    token = "b-secret-" + secrets.token_hex(12)
+    cfg = box.config()
+    cfg["process"]["env"].append("WE_B_SECRET=" + "x" * 8000 + token)  # far into any buffer
+    b = box.run("mem-b", cfg)
+    a = None
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, b)
+            assert c.exec(b, ["true"], user="alice", env={"EXEC_SECRET": token + "-exec"})["exit_code"] == 0
+            a = box.run("mem-a")
+            wait_ready(c, a)
+            assert c.exec(a, ["true"], user="bob")["exit_code"] == 0
+            workers = [p for p in warmexec_outside(hostile_supervisor, "")
+                       if a in open(f"/proc/{p}/cgroup").read()]
+            assert len(workers) >= 2, workers  # A's own profile's and bob's (a joiner may linger)
+            b_worker = next(x for x in c.list() if x["id"] == b)["worker_pid"]
+            assert _memory_holds(b_worker, token.encode())  # the check can see it where it is
+            for pid in workers:
+                assert not _memory_holds(pid, token.encode()), f"worker {pid} of A holds B's secret"
+    finally:
+        box.delete(b)
+        if a:
+            box.delete(a)

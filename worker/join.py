@@ -41,12 +41,21 @@ from .worker import ExecLoop
 NULL_DEVICE = os.makedev(1, 3)
 
 
-def joiner_main(sock: socket.socket, spec: dict, user: str | None, privileged: bool,
-                zygote_pid: int) -> None:
+def joiner_main(sock: socket.socket, seccomp: dict | None, zygote_pid: int) -> None:
+    """seccomp: the container's profile as the zygote compiled it; the rest of what to
+    join comes from the supervisor: {op: join, spec, user, privileged}."""
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != zygote_pid:
         return
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
+    msg, fds = ipc.recv(sock)
+    for fd in fds:
+        os.close(fd)
+    if msg is None or msg.get("op") != "join":
+        return
+    spec, user, privileged = msg["spec"], msg.get("user"), bool(msg.get("privileged"))
+    if seccomp is not None:
+        spec["process"]["seccomp"] = seccomp
     try:
         join(spec)
         profile = creds.make_profile(spec["process"], user, privileged)

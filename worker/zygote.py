@@ -5,8 +5,13 @@ multithreaded, and the kernel refuses setns into a mount or user namespace from 
 multithreaded process. So the supervisor execs this module once, at start-up, with
 one end of a socketpair (its fd number on the command line), and asks it for workers::
 
-    supervisor -> {op: fork, tag, spec, user, privileged}
+    supervisor -> {op: fork, tag, seccomp}
     zygote     -> {op: forked, tag, pid} + fds [worker socket, pidfd of the joiner]
+
+The container's spec, user and privileged flag go from the supervisor to the joiner
+alone, over that socket: the zygote never holds a container's spec (its environment
+may carry secrets), so a worker, whose memory is a copy of the zygote's, holds none
+of another container's. Only seccomp profiles pass here, each compiled once.
 
 A worker serves one (container, credential profile): the container's default user,
 or a request's user and privileged flag. What the zygote forks is the worker's joiner
@@ -166,9 +171,7 @@ def compiled_filter(profile: dict) -> dict:
 def fork_joiner(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int]) -> int:
     """Fork the joiner of a worker for msg (see :mod:`join`); its pid, 0 if fork failed.
     The supervisor gets the joiner's socket and a pidfd on it, to kill it if it is late."""
-    process = (msg.get("spec") or {}).get("process") or {}
-    if process.get("seccomp"):
-        process["seccomp"] = compiled_filter(process["seccomp"])
+    seccomp = compiled_filter(msg["seccomp"]) if msg.get("seccomp") else None
     ours, theirs = ipc.socketpair()
     try:
         pid = os.fork()
@@ -188,12 +191,12 @@ def fork_joiner(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int
                 os.close(fd)
             sock.close()
             ours.close()
-            joiner_main(theirs, msg["spec"], msg.get("user"), bool(msg.get("privileged")), me)
+            joiner_main(theirs, seccomp, me)
             code = 0
         except (BrokenPipeError, ConnectionResetError):
             code = 0  # the supervisor let go of this worker
         except BaseException as exc:  # noqa: BLE001 - the child never returns
-            os.write(2, f"warmexec joiner {msg['spec'].get('id')}: {exc!r}\n".encode())
+            os.write(2, f"warmexec joiner: {exc!r}\n".encode())
         finally:
             os._exit(code)
     theirs.close()
