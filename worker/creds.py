@@ -19,7 +19,7 @@ import os
 import resource
 
 from . import linux, seccomp
-from .users import ExecUser, resolve
+from .users import MAX_FILE, ExecUser, InvalidUser, check_ids, file_kind, resolve
 
 #: rlimits a long-lived Python worker cannot itself live under (cumulative CPU time,
 #: address space, heap, too few fds for its commands' pipes): a profile that has one is
@@ -31,36 +31,59 @@ _MIN_WORKER_NOFILE = 1024
 _CAP_SETS = ("bounding", "effective", "permitted", "inheritable", "ambient")
 
 
-def _read(path: str, limit: int = 1 << 20) -> str:
-    """Up to limit bytes of a file as text ("" if unreadable), through plain fd I/O:
-    a text file object costs each worker memory (io, codecs)."""
-    chunks, size = [], 0
+def _read(path: str, limit: int = MAX_FILE) -> str:
+    """A user database file of the container as text; "" if there is none (docker
+    reads a missing file as empty).
+
+    The container's root controls the file, so it is opened without blocking (a FIFO
+    or a device in its place must not hang the joiner; no controlling terminal), read
+    only if it is a regular file (symlinks are followed: they are normal in images),
+    and refused past ``limit`` bytes rather than cut (a cut file loses the entries past
+    the cut). Anything else refuses the exec, naming the file: moby fails a lookup on a
+    read error too (a directory, an oversized file), and would hang on a FIFO. Plain fd
+    I/O: a text file object costs each worker memory (io, codecs)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            while size < limit:
-                chunk = os.read(fd, min(65536, limit - size))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-        finally:
-            os.close(fd)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return ""
-    return b"".join(chunks).decode("utf-8", "replace")
+    except OSError as exc:  # e.g. a socket (ENXIO), a symlink loop
+        raise Refused(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        kind = file_kind(st.st_mode)
+        if kind is not None:
+            raise Refused(f"{path} is {kind}, not a regular file")
+        data = bytearray()
+        while len(data) <= limit:  # st_size is only a hint: the file may grow meanwhile
+            chunk = os.read(fd, min(1 << 20, limit + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        raise Refused(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise Refused(f"{path} is larger than {limit} bytes")
+    return data.decode("utf-8", "surrogateescape")  # undecodable bytes kept as they are
 
 
 def exec_user(process: dict, spec: str | None) -> ExecUser:
-    """Resolve the exec's user in the current mount namespace (the container's)."""
+    """Resolve the exec's user in the current mount namespace (the container's).
+
+    A name in neither file raises UnknownUser; an id out of range, or a user database
+    that cannot be read safely, raises Refused."""
     passwd, group = _read("/etc/passwd"), _read("/etc/group")
-    if spec:
-        return resolve(spec, passwd, group)
-    # No user in the request: the container's own process user, as runc exec does.
-    base = process["user"]
-    user = resolve(f"{base['uid']}:{base['gid']}", passwd, group)
-    user.groups = list(base.get("additional_gids") or [])
-    return user
+    try:
+        if spec:
+            return resolve(spec, passwd, group)
+        # No user in the request: the container's own process user, as runc exec does.
+        base = process["user"]
+        user = resolve(f"{base['uid']}:{base['gid']}", passwd, group)
+        user.groups = check_ids(list(base.get("additional_gids") or []), "additional gid")
+        return user
+    except InvalidUser as exc:
+        raise Refused(str(exc)) from None
 
 
 class Refused(Exception):
