@@ -29,6 +29,9 @@ def spawn_failure(err: int, stage: str, argv0: str, cwd: str | None) -> tuple[st
         return errors.NOT_FOUND, f'exec: "{argv0}": executable file not found in $PATH', 127
     if stage == "cwd":
         return errors.BAD_CWD, f"chdir to cwd ({cwd!r}) failed: {reason}", None
+    if stage in ("pipe", "stdin"):  # the worker lives under the container's fd limit
+        return errors.SPAWN_FAILED, f"no descriptor left for the exec's {stage} ({reason}): " \
+                                    "the container's open-file limit", None
     if err in (errno.ENOENT, errno.ENOTDIR):
         return errors.NOT_FOUND, f'exec: "{argv0}": {reason}', 127
     if err in (errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.EPERM):

@@ -251,8 +251,8 @@ def test_a_ptrace_container_sees_no_warmexec_process_that_holds_the_host(box, ho
         assert "ESCAPE" not in text and token not in text and "SECRET" not in text
         for line in text.splitlines():
             if line.startswith("fd "):
-                link = line.split(" ", 3)[3]
-                assert link.startswith(("pipe:", "socket:", "anon_inode:")) or link.startswith("/"), line
+                link = line.split(" ", 3)[3]  # "": gone before the stop took (nothing read)
+                assert link == "" or link.startswith(("pipe:", "socket:", "anon_inode:", "/")), line
                 assert not link.startswith(("/proc", "/sys", os.path.dirname(sys.executable))), line
     finally:
         box.delete(cid)
@@ -546,7 +546,7 @@ def _memory_holds(pid: int, needle: bytes) -> bool:
     process gone meanwhile (a joiner) holds nothing."""
     try:
         maps, mem = open(f"/proc/{pid}/maps"), open(f"/proc/{pid}/mem", "rb", 0)
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
     with maps, mem:
         for line in maps:

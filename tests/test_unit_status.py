@@ -108,3 +108,10 @@ def test_all_codes_are_registered_error_codes():
                  (errno.EACCES, "exec", "a", None), (errno.ENOENT, "cwd", "a", "/x"),
                  (errno.ENOMEM, "exec", "a", None)]:
         assert spawn_failure(*args)[0] in errors.ALL
+
+
+@pytest.mark.parametrize("stage", ["pipe", "stdin"])
+def test_no_descriptor_left_is_spawn_failed_naming_the_fd_limit(stage):
+    code, message, exit_code = spawn_failure(errno.EMFILE, stage, "sh", None)
+    assert (code, exit_code) == (errors.SPAWN_FAILED, None)
+    assert "open-file limit" in message and stage in message

@@ -31,6 +31,26 @@ static int last_pid(void) {
     return atoi(buf);
 }
 
+/* SIGSTOP is delivered asynchronously: wait (briefly) until pid is really stopped, so
+ * that what is probed is the process as it was caught. */
+static void wait_stopped(int pid) {
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    for (int i = 0; i < 100000; i++) {
+        int fd = open(path, O_RDONLY);
+        if (fd < 0)
+            return;
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0)
+            return;
+        buf[n] = 0;
+        char *state = strrchr(buf, ')');
+        if (!state || state[2] == 'T' || state[2] == 't' || state[2] == 'Z')
+            return;
+    }
+}
+
 static void probe(int pid, const char *marker, const char *host_pid, const char *secret) {
     char path[512], link[4096];
     struct stat st;
@@ -100,6 +120,7 @@ int main(int argc, char **argv) {
     for (;;) {
         int next = seen + 1;
         if (next != me && kill(next, SIGSTOP) == 0) {
+            wait_stopped(next);
             probe(next, argv[2], argv[3], argv[4]);
             if (!hold)
                 kill(next, SIGCONT);
