@@ -8,9 +8,9 @@ Frame layout (see docs/PROTOCOL.md)::
     [""][payload]      ->      [identity][""][payload]
 
 ``payload`` is one msgpack map. Requests carry ``v`` (=1), a client-chosen ``id``
-(echoed in the reply) and ``op``. Every reply carries ``v``, ``id`` and ``ok``; a
-failed request is ``{ok: false, error: {code, message}}`` with a code from
-:mod:`warmexec.protocol.errors`.
+(echoed in the reply, so bounded: at most MAX_ID bytes) and ``op``. Every reply carries
+``v``, ``id`` and ``ok``; a failed request is ``{ok: false, error: {code, message}}``
+with a code from :mod:`warmexec.protocol.errors`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import errors
+from . import codec, errors
 from .errors import WarmexecError
 
 VERSION = 1
@@ -31,6 +31,10 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_ARGS = 4096
 MAX_ENV = 4096
 MAX_STR = 128 * 1024
+# The id is echoed in every reply, to a client that may never read them: what it may
+# make the supervisor hold is SNDHWM replies times this (the envelope has its own 4 KiB).
+MAX_ID = 4096  # bytes, encoded
+MAX_ID_DEPTH = 8  # arrays or maps within arrays or maps
 
 
 def _bad(message: str) -> WarmexecError:
@@ -72,15 +76,34 @@ class ExecRequest:
     privileged: bool = False
 
 
+def check_id(value: Any) -> Any:
+    """The request id if it may be echoed: nil, a bool, a number, a string, bytes, or
+    arrays and maps of these, at most MAX_ID bytes encoded and MAX_ID_DEPTH deep."""
+    if type(value) is int or value is None:  # what clients send: no walk
+        return value
+    if codec.encoded_size(value, MAX_ID, MAX_ID_DEPTH) is None:
+        raise _bad(f"id must be a msgpack value of at most {MAX_ID} bytes and {MAX_ID_DEPTH} levels")
+    return value
+
+
+def echoable_id(req: dict) -> Any:
+    """The id to put in the reply to req: its own, or nil when that one is too large."""
+    try:
+        return check_id(req.get("id"))
+    except WarmexecError:
+        return None
+
+
 def check_envelope(req: dict) -> tuple[Any, str]:
     """Validate the fields every request has; return (id, op)."""
+    req_id = check_id(req.get("id"))
     v = req.get("v")
     if type(v) is not int or v != VERSION:
         raise WarmexecError(errors.UNSUPPORTED_VERSION, f"protocol version must be {VERSION}")
     op = req.get("op")
     if op not in OPS:
         raise _bad(f"unknown op {op!r}" if isinstance(op, str) else "op must be a string")
-    return req.get("id"), op
+    return req_id, op
 
 
 def parse_exec(req: dict) -> ExecRequest:
