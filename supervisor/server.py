@@ -43,7 +43,9 @@ SNDHWM = 1000
 SMALL_REPLY = 4 << 10  # bytes: a reply up to this is copied into zmq, bounded by SNDHWM alone
 REPLY_BUDGET = 8 << 20  # bytes of larger replies zmq may hold for one client
 TRACKED_COST = 1 << 10  # what the ledger charges a large reply beyond its bytes (its tracker)
+FLUSH_INTERVAL = 0.01  # seconds between sends of replies waiting for room
 SWEEP_INTERVAL = 1.0  # seconds: how soon the ledger forgets clients that went away
+SENT, WAITING, DROPPED = "sent", "waiting", "dropped"  # what became of a large reply
 # Plain ints: each use of pyzmq's flag enums builds an Enum object, on every message.
 NOBLOCK = int(zmq.NOBLOCK)
 MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
@@ -143,64 +145,105 @@ class Loop:
             log.exception("internal error in %r", fn)
 
 
+class _Peer:
+    """One client's large replies: those zmq holds (in the order it writes them) and
+    those waiting for room."""
+
+    __slots__ = ("held", "sent", "waiting", "waiting_bytes")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.sent: deque[tuple[int, zmq.MessageTracker]] = deque()
+        self.waiting: deque[tuple[list[bytes], bytes, int]] = deque()
+        self.waiting_bytes = 0
+
+
 class ReplyBudget:
-    """The bytes of large replies ZeroMQ still holds, per client: past REPLY_BUDGET a
-    reply is dropped (and counted REPLY_DROPPED), not queued.
+    """Large replies, bounded in bytes per client: REPLY_BUDGET in ZeroMQ's queues, as
+    much again waiting here for room; past both a reply is dropped (and the caller counts
+    it REPLY_DROPPED).
 
     A ROUTER bounds what it queues for a peer in messages (SNDHWM), not bytes, and says
     nothing of how much of it the peer has taken. So a reply over SMALL_REPLY is sent
     zero-copy with a pyzmq MessageTracker: libzmq holds our own bytes object instead of a
-    copy, and lets go of it once it has written its last byte into the client's
-    connection (or dropped it with the connection), when pyzmq's garbage-collector thread
-    marks the tracker done. The ledger is exact about what a client pins, not an
-    estimate. A client that reads keeps it near zero (its zmq I/O thread empties the
-    connection even while its application is busy, up to its own RCVHWM); one that stops
-    reading fills it, and what it is sent after that is dropped. zmq writes one peer's
-    messages in order, so they are released in order.
+    copy and lets go of it once it has written its last byte into the client's connection
+    (or dropped it with the connection), when pyzmq's garbage-collector thread marks the
+    tracker done. The ledger is thus exact about what a client pins, not an estimate;
+    zmq writes one peer's messages in order, so they are released in order.
 
-    What one client (one connection: ZeroMQ's peer) can pin in all: SNDHWM small replies,
-    each at most SMALL_REPLY plus its envelope (MAX_ENVELOPE), and REPLY_BUDGET of large
-    ones, with their trackers; about 16 MiB. A client with many connections has as many
-    budgets: the IPC endpoint is root's alone, a TCP one needs an authorised key.
+    A client that reads keeps its ledger near zero (its zmq I/O thread empties the
+    connection even while its application is busy, up to its own RCVHWM), but the
+    tracker is marked done by a Python thread, which waits for the GIL while the loop is
+    busy: in a burst the ledger lags behind zmq. The waiting queue absorbs that lag
+    (``flush`` sends what fits, every FLUSH_INTERVAL while anything waits) instead of
+    dropping replies a reading client would have taken. A client that stops reading fills
+    both, and what it is sent after that is dropped.
+
+    What one client (one connection: ZeroMQ's peer) can pin in all: SNDHWM small
+    replies, each at most SMALL_REPLY plus its envelope (MAX_ENVELOPE), and twice
+    REPLY_BUDGET of large ones with their trackers: about 24 MiB. A client with many
+    connections has as many budgets: the IPC endpoint is root's alone, a TCP one needs an
+    authorised key.
     """
 
-    def __init__(self, budget: int = REPLY_BUDGET) -> None:
+    def __init__(self, send: Callable[[list[bytes], bytes], zmq.MessageTracker | None],
+                 budget: int = REPLY_BUDGET) -> None:
+        self.send = send  # sends one reply tracked; None if it could not be sent
         self.budget = budget
-        self.held: dict[bytes, int] = {}  # peer -> bytes charged and not released
-        self.queues: dict[bytes, deque[tuple[int, zmq.MessageTracker]]] = {}
+        self.peers: dict[bytes, _Peer] = {}
 
-    def admit(self, peer: bytes, size: int) -> bool:
-        """May size more bytes go to peer? One reply always may, however large."""
-        held = self.release(peer)
-        return held == 0 or held + size <= self.budget
+    def offer(self, envelope: list[bytes], data: bytes) -> str:
+        """Send now (SENT), or queue until there is room (WAITING), or DROPPED: no room."""
+        key = envelope[0]
+        peer = self.peers.get(key)
+        if peer is None:
+            peer = self.peers[key] = _Peer()
+        size = len(data) + sum(map(len, envelope)) + TRACKED_COST
+        if not peer.waiting and self._fits(peer, size):
+            self._send(peer, envelope, data, size)
+            outcome = SENT
+        elif peer.waiting_bytes + size <= self.budget:
+            peer.waiting.append((envelope, data, size))
+            peer.waiting_bytes += size
+            outcome = WAITING
+        else:
+            outcome = DROPPED
+        self._forget_if_empty(key, peer)
+        return outcome
 
-    def charge(self, peer: bytes, size: int, tracker: zmq.MessageTracker) -> None:
-        queue = self.queues.get(peer)
-        if queue is None:
-            queue = self.queues[peer] = deque()
-            self.held[peer] = 0
-        queue.append((size, tracker))
-        self.held[peer] += size
+    def flush(self) -> float | None:
+        """Release what zmq let go of, send what now fits, forget clients with nothing
+        left (a client that went away is never offered a reply again). Return the
+        seconds until the next flush is due, or None when nothing is held."""
+        for key, peer in list(self.peers.items()):
+            self._release(peer)
+            while peer.waiting and self._fits(peer, peer.waiting[0][2]):
+                envelope, data, size = peer.waiting.popleft()
+                peer.waiting_bytes -= size
+                self._send(peer, envelope, data, size)
+            self._forget_if_empty(key, peer)
+        if any(peer.waiting for peer in self.peers.values()):
+            return FLUSH_INTERVAL
+        return SWEEP_INTERVAL if self.peers else None
 
-    def release(self, peer: bytes) -> int:
-        """Forget what zmq has let go of; return what peer still holds."""
-        queue = self.queues.get(peer)
-        if queue is None:
-            return 0
-        held = self.held[peer]
-        while queue and queue[0][1].done:
-            held -= queue.popleft()[0]
-        if queue:
-            self.held[peer] = held
-            return held
-        del self.queues[peer], self.held[peer]
-        return 0
+    def _fits(self, peer: _Peer, size: int) -> bool:
+        """One reply always fits, however large; the rest within the budget."""
+        self._release(peer)
+        return peer.held == 0 or peer.held + size <= self.budget
 
-    def sweep(self) -> bool:
-        """Release every peer (those gone included); True while some still hold bytes."""
-        for peer in list(self.queues):
-            self.release(peer)
-        return bool(self.queues)
+    def _release(self, peer: _Peer) -> None:
+        while peer.sent and peer.sent[0][1].done:
+            peer.held -= peer.sent.popleft()[0]
+
+    def _send(self, peer: _Peer, envelope: list[bytes], data: bytes, size: int) -> None:
+        tracker = self.send(envelope, data)
+        if tracker is not None:
+            peer.sent.append((size, tracker))
+            peer.held += size
+
+    def _forget_if_empty(self, key: bytes, peer: _Peer) -> None:
+        if not peer.sent and not peer.waiting:
+            self.peers.pop(key, None)
 
 
 class Zygote:
@@ -259,8 +302,8 @@ class Supervisor:
         self.router.setsockopt(zmq.RCVHWM, 1000)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises: count it
         self.router.setsockopt(zmq.LINGER, 0)
-        self.budget = ReplyBudget()
-        self._sweeping = False  # a sweep of self.budget is scheduled
+        self.budget = ReplyBudget(self._send_tracked)
+        self._flush: tuple[float, Timer] | None = None  # the next flush of self.budget
         self.auth = auth
         if auth is not None:
             auth.secure(self.ctx, self.router)
@@ -445,30 +488,35 @@ class Supervisor:
             log.debug("reply dropped: %s", exc)
 
     def _reply_large(self, envelope: list[bytes], data: bytes) -> None:
-        """Send zero-copy and tracked, within the client's byte budget (ReplyBudget)."""
-        peer, size = envelope[0], len(data) + sum(map(len, envelope)) + TRACKED_COST
-        if not self.budget.admit(peer, size):
+        """Zero-copy and tracked, within the client's byte budget (ReplyBudget)."""
+        outcome = self.budget.offer(envelope, data)
+        if outcome == DROPPED:
             self.dispatch.count_error(REPLY_DROPPED)
-            return
+        self._flush_within(SWEEP_INTERVAL if outcome == SENT else FLUSH_INTERVAL)
+
+    def _send_tracked(self, envelope: list[bytes], data: bytes) -> zmq.MessageTracker | None:
         send = self.router.send
         try:
             for frame in envelope:
                 send(frame, MORE)
-            tracker = send(zmq.Frame(data, track=True, copy=False), NOBLOCK, copy=False, track=True)
+            return send(zmq.Frame(data, track=True, copy=False), NOBLOCK, copy=False, track=True)
         except zmq.Again:
             self.dispatch.count_error(REPLY_DROPPED)
-            return
         except zmq.ZMQError as exc:
             log.debug("reply dropped: %s", exc)
-            return
-        self.budget.charge(peer, size, tracker)
-        if not self._sweeping:
-            self._sweeping = True
-            self.loop.call_at(time.monotonic() + SWEEP_INTERVAL, self._sweep_budget)
+        return None
 
-    def _sweep_budget(self) -> None:
-        """Forget clients whose large replies zmq has all written or dropped: a client
-        that went away is never replied to again, so never released by admit()."""
-        self._sweeping = self.budget.sweep()
-        if self._sweeping:
-            self.loop.call_at(time.monotonic() + SWEEP_INTERVAL, self._sweep_budget)
+    def _flush_within(self, interval: float) -> None:
+        """One flush timer, at most interval from now (a later one is replaced)."""
+        when = time.monotonic() + interval
+        if self._flush is not None:
+            if self._flush[0] <= when:
+                return
+            self._flush[1].cancel()
+        self._flush = (when, self.loop.call_at(when, self._on_flush))
+
+    def _on_flush(self) -> None:
+        self._flush = None
+        interval = self.budget.flush()
+        if interval is not None:
+            self._flush_within(interval)

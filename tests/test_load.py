@@ -99,10 +99,6 @@ def test_busy_at_the_per_container_and_the_total_limit(box, tmp_path):
 
 # ------------------------------------------------------- a client that does not read
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "supervisor/server.py: replies a client does not read are bounded by count (SNDHWM 1000) "
-    "and size (capture at most 1 MiB per stream), not by bytes per client: 64 unread 1 MiB "
-    "replies cost about 64 MiB; a per-client byte budget with a retry queue is not built yet"))
 def test_unread_replies_do_not_grow_the_supervisor_without_bound(box, container, tmp_path):
     # A fresh supervisor: the session's has freed memory of earlier tests to reuse, which
     # would hide the growth from RSS.
