@@ -7,7 +7,8 @@
 
 A DEALER socket, so many requests can be in flight (``submit`` + ``result``). A client
 never waits forever: while a reply is outstanding it pings the supervisor, and raises
-``UNREACHABLE`` when the supervisor stops answering.
+``UNREACHABLE`` when the supervisor stops answering; a request larger than the
+supervisor accepts (``codec.MAX_MESSAGE``, 4 MiB) is refused before it is sent.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from .messages import VERSION
 DEFAULT_ENDPOINT = "ipc:///run/warmexec/warmexec.sock"
 LIVENESS = 5.0  # seconds without a reply before the supervisor is pinged
 REPLY_MARGIN = 30.0  # beyond an exec's own timeout
+
+
+def too_large(size: int | str) -> str:
+    return f"request of {size} bytes exceeds the {codec.MAX_MESSAGE >> 20} MiB limit"
 
 
 def default_endpoint() -> str:
@@ -65,11 +70,16 @@ class Client:
 
     # ---- requests ----------------------------------------------------------------
     def submit(self, op: str, **fields: Any) -> int:
+        """Send a request; return its id. A request over the supervisor's frame limit is
+        refused here: ZeroMQ would drop it unanswered (and cut the connection)."""
         req_id = next(self._ids)
         msg = {"v": VERSION, "id": req_id, "op": op}
         msg.update({k: v for k, v in fields.items() if v is not None})
+        data = codec.pack(msg)
+        if len(data) > codec.MAX_MESSAGE:
+            raise WarmexecError(errors.BAD_REQUEST, too_large(len(data)))
         try:
-            self.sock.send(codec.pack(msg))
+            self.sock.send(data)
         except zmq.Again:
             raise WarmexecError(errors.UNREACHABLE, "cannot reach the supervisor (is it running, "
                                                     "and is our key authorised?)") from None

@@ -12,8 +12,9 @@ import json
 import os
 import sys
 
-from ..protocol.client import DEFAULT_ENDPOINT, Client, default_endpoint
-from ..protocol.errors import WarmexecError
+from ..protocol.client import DEFAULT_ENDPOINT, Client, default_endpoint, too_large
+from ..protocol.codec import MAX_MESSAGE
+from ..protocol.errors import BAD_REQUEST, WarmexecError
 
 OWN_ERROR = 125
 
@@ -136,7 +137,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     for item in args.env:
         key, sep, value = item.partition("=")
         env[key] = value if sep else os.environ.get(key, "")
-    stdin = sys.stdin.buffer.read() if args.interactive else None
+    stdin = read_stdin() if args.interactive else None
     with _client(args) as c:
         r = c.exec(args.container, command, env=env or None, cwd=args.workdir, user=args.user,
                    timeout=args.timeout, stdin=stdin, capture=args.capture,
@@ -147,6 +148,15 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if r.get("timed_out"):
         print(f"warmexec: timed out after {args.timeout}s", file=sys.stderr)
     return r["exit_code"]
+
+
+def read_stdin() -> bytes:
+    """Our stdin, for -i: no more than a request can carry, plus one byte to know it is
+    more (a request is one frame of at most 4 MiB, and stdin may be endless)."""
+    data = sys.stdin.buffer.read(MAX_MESSAGE + 1)
+    if len(data) > MAX_MESSAGE:
+        raise WarmexecError(BAD_REQUEST, too_large(f"more than {MAX_MESSAGE}"))
+    return data
 
 
 def cmd_events(args: argparse.Namespace) -> int:
