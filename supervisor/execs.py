@@ -39,6 +39,7 @@ class Exec:
         self.pidfd = -1
         self.timed_out = False
         self.done = False
+        self.timers: list[Any] = []  # the loop's timers for it, cancelled when it ends
 
     def open_stdin(self) -> list[int]:
         """A pipe for the request's input; return the command's end ([] without input)."""

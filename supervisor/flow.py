@@ -125,8 +125,8 @@ class ExecFlow:
         self.make_room(rt, (req.user or "", req.privileged))
         ex = Exec(envelope, req_id, req)
         self.active += 1
-        if ex.deadline is not None:
-            self.loop.call_at(ex.deadline, lambda: self.on_timeout(rt, ex))
+        if ex.deadline is not None:  # cancelled when it ends: a timer must not keep it
+            ex.timers.append(self.loop.call_at(ex.deadline, lambda: self.on_timeout(rt, ex)))
         self.route(rt, ex)
 
     def make_room(self, rt: Runtime, key: tuple[str, bool]) -> None:
@@ -201,7 +201,8 @@ class ExecFlow:
                 self.send_to(sp, {"op": "kill", "id": ex.exec_id, "signal": signal.SIGKILL})
             except OSError:
                 pass
-        self.loop.call_at(time.monotonic() + KILL_GRACE, lambda: self._kill_overdue(rt, sp, ex))
+        ex.timers.append(self.loop.call_at(time.monotonic() + KILL_GRACE,
+                                           lambda: self._kill_overdue(rt, sp, ex)))
 
     def _kill_overdue(self, rt: Runtime, sp: Worker, ex: Exec) -> None:
         """Killed at its timeout, and still no word of its exit: answer now, saying why."""
@@ -268,6 +269,9 @@ class ExecFlow:
             return
         ex.done = True
         self.active -= 1
+        for timer in ex.timers:
+            timer.cancel()
+        ex.timers.clear()
         if ex.stdin_fd >= 0:
             self.loop.remove(ex.stdin_fd)
         if not reply.get("ok"):
