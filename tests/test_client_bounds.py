@@ -147,10 +147,6 @@ def test_a_stalled_client_is_bounded_in_bytes_and_a_reading_one_gets_every_reply
 
 # ---------------------------------------------------------------- finished execs' timers
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "supervisor/flow.py does not yet cancel an exec's timeout timer when the exec finishes "
-    "(Loop.call_at returns a Timer with cancel()): each finished exec stays in memory until "
-    "its timeout would have expired"))
 def test_finished_execs_are_released_before_their_timeout(box, container, tmp_path):
     """The issue's case: 150 execs of 1 MiB in and out and a 600 s timeout took the
     supervisor from 34 to 355 MiB."""
@@ -189,7 +185,10 @@ def test_idle_metrics_connections_pin_no_thread_and_a_scrape_still_answers(box, 
                 conn.sendall(b"GET /metrics HTTP/1.1\r\n")  # half a request head
             conns.append(conn)
         t0 = time.monotonic()
-        text = _scrape(sup, timeout=1)
+        try:
+            text = _scrape(sup, timeout=1)
+        except OSError as exc:  # no answer within the second
+            text = repr(exc)
         took = time.monotonic() - t0
         threads = proc.num_threads()
     finally:
@@ -197,7 +196,7 @@ def test_idle_metrics_connections_pin_no_thread_and_a_scrape_still_answers(box, 
             conn.close()
         assert sup.stop() == 0
     print(f"\n300 idle metrics connections: threads {threads0} -> {threads}, a scrape in {took:.3f}s")
-    assert "warmexec_containers" in text and took < 1
+    assert "warmexec_containers" in text and took < 1, f"no scrape within a second: {text[:200]}"
     assert threads <= threads0, f"300 idle connections took {threads - threads0} threads"
 
 
