@@ -34,7 +34,8 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpack(data: bytes, max_size: int = MAX_MESSAGE) -> Any:
+def unpack(data: bytes, max_size: int = MAX_MESSAGE, max_str_len: int | None = None,
+           max_array_len: int = 65536, max_map_len: int = 65536) -> Any:
     """Decode one frame; any failure is a ProtocolError, never another exception."""
     if len(data) > max_size:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {max_size}-byte limit")
@@ -43,10 +44,10 @@ def unpack(data: bytes, max_size: int = MAX_MESSAGE) -> Any:
             data,
             raw=False,
             strict_map_key=True,
-            max_str_len=max_size,
+            max_str_len=max_size if max_str_len is None else max_str_len,
             max_bin_len=max_size,
-            max_array_len=65536,
-            max_map_len=65536,
+            max_array_len=max_array_len,
+            max_map_len=max_map_len,
             max_ext_len=0,
             ext_hook=_no_ext,
         )
@@ -58,8 +59,8 @@ def _no_ext(code: int, data: bytes) -> None:
     raise ValueError("msgpack ext types are not part of the protocol")
 
 
-def unpack_map(data: bytes, max_size: int = MAX_MESSAGE) -> dict:
-    obj = unpack(data, max_size)
+def unpack_map(data: bytes, max_size: int = MAX_MESSAGE, **limits: int) -> dict:
+    obj = unpack(data, max_size, **limits)
     if not isinstance(obj, dict):
         raise ProtocolError(f"message must be a map, got {type(obj).__name__}")
     return obj

@@ -19,7 +19,7 @@ import os
 import socket
 from collections.abc import Sequence
 
-from .codec import pack, unpack_map
+from .codec import ProtocolError, pack, unpack_map
 
 MAX_IPC = (4 << 20) + 1024
 MAX_FDS = 8
@@ -78,8 +78,24 @@ def _receive_buffer() -> mmap.mmap:
     return _buffer[0]
 
 
-def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
-    """Return (message, fds); (None, []) at end of stream (the peer is gone)."""
+#: What a worker may send in one message: the largest is an "exited" with up to a
+#: chunk of output (96 KiB) and a few small fields; no arrays, no deep maps. A worker is
+#: a process of its container, so its messages are decoded within these bounds.
+FROM_WORKER = {"max_size": 128 << 10, "max_str_len": 4096, "max_array_len": 0, "max_map_len": 32}
+
+
+class Malformed(Exception):
+    """An undecodable message; ``fds`` came with it and are the caller's to let go of
+    (a descriptor of the peer's choosing may not be safe to close just anywhere)."""
+
+    def __init__(self, fds: list[int], reason: str) -> None:
+        super().__init__(reason)
+        self.fds = fds
+
+
+def recv(sock: socket.socket, limits: dict | None = None) -> tuple[dict | None, list[int]]:
+    """Return (message, fds); (None, []) at end of stream (the peer is gone). With
+    limits (FROM_WORKER), an undecodable message raises Malformed with its fds."""
     buf = _receive_buffer()
     try:
         n, anc, _, _ = sock.recvmsg_into((buf,), _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
@@ -103,7 +119,14 @@ def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
         for fd in fds:
             _close(fd)
         return None, []
-    return unpack_map(data, MAX_IPC), fds
+    try:
+        return (unpack_map(data, MAX_IPC) if limits is None else unpack_map(data, **limits)), fds
+    except ProtocolError as exc:
+        if limits is None:
+            for fd in fds:
+                _close(fd)
+            raise
+        raise Malformed(fds, exc.message) from None
 
 
 def _close(fd: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from ..protocol import ipc
 from .discovery import Container
 from .execs import Exec
+from .pidfds import pid_ns
 
 
 class State(IntEnum):
@@ -171,7 +172,7 @@ class Runtime:
         self.waiting: list[Exec] = []  # until the worker is ready
         self.oom_seen = oom_kills(info)
         self.freezer_fds = _freezer_fds(info)
-        self.pid_ns = _pid_ns(info.init_pid)  # where its commands must be
+        self.pid_ns = pid_ns(info.init_pid)  # where its commands must be
 
     @property
     def name(self) -> str:
@@ -249,29 +250,3 @@ def oom_kills(info: Container) -> int:
                 continue
     return 0
 
-
-def _pid_ns(pid: int) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/pid")
-    except OSError:
-        return None
-
-
-def command_pids(pidfd: int, pid_ns: str | None) -> tuple[int, int] | None:
-    """(host pid, container pid) of the process behind a pidfd a worker sent, from the
-    kernel's own fdinfo; None unless it is a live process of the container's pid
-    namespace (a worker taken over by its container could send any pidfd it holds)."""
-    try:
-        fd = os.open(f"/proc/self/fdinfo/{pidfd}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-        fields = dict(line.split(b":", 1) for line in data.splitlines() if b":" in line)
-        host_pid, nspid = int(fields[b"Pid"]), fields[b"NSpid"].split()
-        if host_pid <= 0 or pid_ns is None or _pid_ns(host_pid) != pid_ns:
-            return None
-        signal.pidfd_send_signal(pidfd, 0)  # still that process: its pid not reused since
-        return host_pid, int(nspid[-1])
-    except (OSError, KeyError, ValueError, IndexError):
-        return None

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..protocol import errors, ipc
 from ..protocol.errors import WarmexecError
-from . import discovery
+from . import discovery, pidfds
 from .containers import DEFAULT, MAX_FAILURES, Runtime, State, Worker, oom_kills
 from .flow import ExecFlow, dying
 
@@ -200,17 +200,24 @@ class Dispatcher(ExecFlow):
                 sp.outbox.close()  # the worker is gone: its EOF follows
         if not mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
             return
-        msg, fds = ipc.recv(sp.sock)
+        # The worker is a process of the container, which may have taken it over: its
+        # messages are decoded within FROM_WORKER's bounds, the only descriptor it may
+        # pass is one pidfd, and anything else it sends drops it.
+        try:
+            msg, fds = ipc.recv(sp.sock, ipc.FROM_WORKER)
+        except ipc.Malformed as bad:
+            pidfds.dispose(bad.fds)
+            return self.lost(rt, sp, f"the worker sent an undecodable message ({bad})")
         if msg is None:
             return self.lost(rt, sp, sp.error or "worker exited")
         try:
+            if len(fds) > 1 or not all(pidfds.is_pidfd(fd) for fd in fds):
+                raise ValueError("descriptors other than one pidfd")
             self.on_worker_message(rt, sp, msg, fds)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
-            # The worker is a process of the container, which may have taken it over.
-            self.lost(rt, sp, f"the worker sent a malformed message ({type(exc).__name__})")
+            self.lost(rt, sp, f"the worker sent a malformed message ({type(exc).__name__}: {exc})")
         finally:
-            for fd in fds:
-                os.close(fd)
+            pidfds.dispose(fds)
 
     def on_worker_message(self, rt: Runtime, sp: Worker, msg: dict, fds: list[int]) -> None:
         op = msg.get("op")
@@ -225,10 +232,12 @@ class Dispatcher(ExecFlow):
             self.on_exec_message(rt, sp, op, msg, fds)
 
     def on_ready(self, rt: Runtime, sp: Worker, msg: dict, fds: list[int]) -> None:
-        """The joiner forked the worker: from now on the handle is the worker's."""
-        pid = int(msg["pid"])
-        pidfd = os.dup(fds[0]) if fds else _pidfd_open(pid)
-        sp.set_process(pid, pidfd)
+        """The joiner forked the worker: from now on the handle is the worker's (checked
+        to be the joiner's child in the container: the pid in the message is not used)."""
+        found = pidfds.worker_pidfd(fds, sp.pid, self.zygote.proc.pid, rt.pid_ns)
+        if found is None:
+            raise ValueError("ready names no child of the joiner in the container")
+        sp.set_process(*found)
         sp.ready = True
         if sp.key == DEFAULT:
             rt.transition(State.READY)
@@ -294,11 +303,3 @@ class Dispatcher(ExecFlow):
         for rt in list(self.containers.values()):
             self.remove(rt, "supervisor stopping")
 
-
-def _pidfd_open(pid: int) -> int:
-    """The worker's pidfd when its joiner could not open one (seccomp): by pid, which is
-    still its own: the zygote, its parent or subreaper, reaps it only after it exits."""
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
-        return -1

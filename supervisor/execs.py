@@ -18,6 +18,7 @@ from ..protocol.messages import ExecRequest
 from . import status
 
 _ids = itertools.count(1)
+PIDFD_SIGNAL_PROCESS_GROUP = 4
 
 
 class Exec:
@@ -67,15 +68,22 @@ class Exec:
             self.stdin_fd = -1
 
     def kill_group(self) -> None:
-        """SIGKILL the exec's process group, if its leader is still the process we
-        started (its pidfd, taken when it started, says so)."""
+        """SIGKILL the exec's process group (it leads its own) through its pidfd: the
+        kernel resolves the group of that very process, no pid number involved (Linux
+        6.9); on older kernels, by the group's number once the pidfd says its leader is
+        still the process we started."""
         if self.pidfd < 0 or self.pid is None:
             return
         try:
-            signal.pidfd_send_signal(self.pidfd, 0)  # ESRCH once it has exited
-            os.killpg(self.pid, signal.SIGKILL)
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL, None, PIDFD_SIGNAL_PROCESS_GROUP)
         except (ProcessLookupError, PermissionError):
             pass
+        except OSError:  # EINVAL: a kernel without the flag
+            try:
+                signal.pidfd_send_signal(self.pidfd, 0)  # ESRCH once it has exited
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def close(self) -> None:
         self.close_stdin()

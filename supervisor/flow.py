@@ -17,6 +17,7 @@ Every exec ends in exactly one reply through ``finish``; every way a part can di
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
@@ -26,8 +27,9 @@ from typing import Any
 from ..protocol import errors, messages
 from ..protocol.errors import WarmexecError
 from . import status
-from .containers import DEFAULT, Runtime, State, Worker, command_pids, oom_kills
+from .containers import DEFAULT, Runtime, State, Worker, oom_kills
 from .execs import Exec
+from .pidfds import command_pids
 
 KILL_GRACE = 1.0  # after a timeout kill, how long the worker has to report the exit
 ACK_DELAY = 0.02  # at most this long a worker keeps an exited command's zombie, idle
@@ -82,7 +84,8 @@ class ExecFlow:
         to kill its group at its timeout or if its worker is lost."""
         now = time.monotonic()
         at = msg.get("started_at")  # CLOCK_MONOTONIC is shared; a lying worker skews only its own
-        ex.started = min(max(at, ex.dispatched or ex.received), now) if isinstance(at, float) else now
+        valid = isinstance(at, float) and math.isfinite(at)
+        ex.started = min(max(at, ex.dispatched or ex.received), now) if valid else now
         if fds:
             pids = command_pids(fds[0], rt.pid_ns)
             if pids is not None:

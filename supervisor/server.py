@@ -254,7 +254,7 @@ class Zygote:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "warmexec.worker.zygote", str(os.getpid()), str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
-            env=zygote_env())
+            env=zygote_env(), start_new_session=True)  # no terminal, no group of ours
         theirs.close()
         self.sock = ours
 

@@ -8,6 +8,7 @@ tools are small static C programs (tests/hostile/*.c) compiled here.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import json
 import os
@@ -15,13 +16,14 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 
 import pytest
 
-from warmexec.protocol import Client, errors, ipc
+from warmexec.protocol import Client, codec, errors, ipc
 from warmexec.protocol.errors import WarmexecError
 
 from .conftest import Supervisor, wait_for, wait_ready
@@ -591,3 +593,115 @@ def test_a_worker_holds_nothing_of_another_container(box, hostile_supervisor):
         box.delete(b)
         if a:
             box.delete(a)
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(") ", 1)[1].split()
+
+
+def test_no_warmexec_process_in_a_container_shares_the_hosts_session_or_terminal(box, hostile_supervisor):
+    """kill(0, SIGKILL) from a worker a CAP_SYS_PTRACE container took over would reach
+    every process of the worker's group, and /dev/tty is its session's terminal: each
+    worker must lead nothing of the host's, in a session without a terminal."""
+    cid = box.run("session")
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, cid)
+            assert c.exec(cid, ["true"], user="alice")["exit_code"] == 0
+            ns = pid_ns(box.init_pid(cid))
+            sup = _stat_fields(hostile_supervisor.proc.pid)
+            workers = [p for p in warmexec_outside(hostile_supervisor, "") if pid_ns(p) == ns]
+            assert len(workers) >= 2, workers
+            for pid in workers:
+                pgrp, session, tty = (int(x) for x in _stat_fields(pid)[2:5])
+                assert tty == 0, f"worker {pid} has a controlling terminal"
+                assert (pgrp, session) != (int(sup[2]), int(sup[3])), f"worker {pid} is in the host's group"
+                members = [p for p in os.listdir("/proc") if p.isdigit() and _group_of(int(p)) == pgrp]
+                outside = [int(p) for p in members if pid_ns(int(p)) != ns]
+                assert not outside, f"worker {pid}'s process group holds host processes {outside}"
+            r = c.exec(cid, ["sh", "-c", "echo x > /dev/tty"], timeout=5)
+            assert r["exit_code"] != 0  # no terminal to reach
+    finally:
+        box.delete(cid)
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return int(_stat_fields(pid)[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _take_over(c, cid: str, previous: int | None) -> tuple[int, socket.socket]:
+    worker = wait_for(lambda: (r := next(x for x in c.list() if x["id"] == cid))["state"] == "READY"
+                      and r["worker_pid"] != previous and r["worker_pid"], 15, "a (new) worker")
+    os.kill(worker, signal.SIGSTOP)
+    return worker, _take_socket(worker)
+
+
+def _quick(c, cid: str) -> float:
+    t0 = time.monotonic()
+    assert c.exec(cid, ["true"], timeout=5)["exit_code"] == 0
+    return time.monotonic() - t0
+
+
+def test_a_taken_over_worker_sending_garbage_descriptors_and_floods_hurts_no_one_else(box,
+                                                                                      hostile_supervisor):
+    """Undecodable messages with descriptors attached, a socket whose close would wait
+    for ever (SO_LINGER, a full send queue), and 4 MiB of nested junk, each over a
+    worker's socket: the worker is dropped each time, the supervisor's descriptors come
+    back to where they were, and another container's execs are answered at once."""
+    victim, other = box.run("garbage"), box.run("garbage-other")
+    fds_of = lambda: len(os.listdir(f"/proc/{hostile_supervisor.proc.pid}/fd"))  # noqa: E731
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        with Client(hostile_supervisor.endpoint) as c:
+            wait_ready(c, other)
+            worker = wait_ready(c, victim)["worker_pid"]
+            assert _quick(c, other) < 1
+            baseline = fds_of()
+            worker, sock = _take_over(c, victim, None)
+            junk = [os.open("/dev/null", os.O_RDONLY) for _ in range(8)]
+            for _ in range(50):
+                try:
+                    sock.sendmsg([b"\xc1"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", junk))])
+                except OSError:
+                    break  # dropped already
+            for fd in junk:
+                os.close(fd)
+            sock.close()
+            wait_for(lambda: fds_of() <= baseline + 2, 10, "the supervisor's fds to come back")
+            assert _quick(c, other) < 1
+
+            worker, sock = _take_over(c, victim, worker)
+            peer = socket.create_connection(listener.getsockname())
+            peer.setblocking(False)
+            try:
+                while True:
+                    peer.send(b"x" * 65536)
+            except BlockingIOError:
+                pass  # its send queue is full, and nobody reads the other end
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 100000))
+            ipc.send(sock, {"op": "x"}, [peer.fileno()])
+            peer.close()
+            sock.close()
+            for _ in range(5):
+                assert _quick(c, other) < 1, "another container's exec waited on a worker's socket"
+            assert c.ping(timeout=2)
+
+            worker, sock = _take_over(c, victim, worker)
+            nested = codec.pack({"op": "out", "id": 1, "data": [[[]] * 60000] * 60})
+            try:
+                sock.sendall(nested[:ipc.MAX_IPC - 1024])
+            except OSError:
+                pass
+            sock.close()
+            assert _quick(c, other) < 1
+            wait_ready(c, victim, 30)
+            assert _quick(c, victim) < 5
+            assert next(x for x in c.list() if x["id"] == victim)["restarts"] >= 3
+    finally:
+        listener.close()
+        box.delete(victim)
+        box.delete(other)

@@ -13,7 +13,9 @@ root before anything of the container can touch it:
 5. resolves the profile's user in the container's own /etc files and takes the
    profile's whole credentials (:mod:`creds`): ids, capabilities, no_new_privs,
    rlimits, umask, seccomp;
-6. forks the worker (:mod:`worker`) and exits.
+6. leaves the supervisor's session and process group (``setsid``: the worker must not
+   be able to signal the host's group with ``kill(0, ...)`` or open its terminal as
+   ``/dev/tty``), forks the worker (:mod:`worker`) and exits.
 
 The pid namespace a process was told to join applies to its children only, so the
 worker is the first warmexec process inside the container's pid namespace, and it is
@@ -71,6 +73,7 @@ def joiner_main(sock: socket.socket, seccomp: dict | None, zygote_pid: int) -> N
     except OSError as exc:
         return _fatal(sock, exc, "cannot take the exec's credentials", code="SPAWN_FAILED")
     linux.prctl(linux.PR_SET_DUMPABLE, 0)  # a uid change resets it: set it again
+    os.setsid()  # a session of our own: no process group or terminal of the host's
     pid = os.fork()
     if pid == 0:
         code = 0

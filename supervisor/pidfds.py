@@ -1,0 +1,151 @@
+"""Descriptors a worker sends: which to keep, and letting go of the rest safely.
+
+A worker is a process of its container, which may have taken it over: whatever it
+passes with SCM_RIGHTS lands in the supervisor's fd table. Only pidfds are ever
+wanted, and only of the right processes, read from the kernel (fdinfo), never from the
+message. Anything else is let go of without blocking the loop: a socket's last close
+can wait for its peer (SO_LINGER) and a file's for its filesystem (FUSE), for as long
+as the container likes; so sockets are reset and everything else is closed on a
+thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import stat
+import struct
+import threading
+
+log = logging.getLogger("warmexec")
+
+
+def pid_ns(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+
+
+def is_pidfd(fd: int) -> bool:
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False
+    return link == "anon_inode:[pidfd]" or link.startswith("pidfd:")
+
+
+def _fdinfo_pids(pidfd: int) -> tuple[int, int] | None:
+    """(pid in our namespace, pid in its own) from a pidfd's fdinfo; None if not one."""
+    fd = os.open(f"/proc/self/fdinfo/{pidfd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    fields = dict(line.split(b":", 1) for line in data.splitlines() if b":" in line)
+    try:
+        return int(fields[b"Pid"]), int(fields[b"NSpid"].split()[-1])
+    except (KeyError, ValueError, IndexError):
+        return None
+
+
+def command_pids(pidfd: int, ns: str | None) -> tuple[int, int] | None:
+    """(host pid, container pid) of the process behind a pidfd a worker sent, from the
+    kernel's own fdinfo; None unless it is a process (alive, or a zombie) of the
+    container's pid namespace (a worker taken over by its container could send any
+    pidfd it holds)."""
+    try:
+        pids = _fdinfo_pids(pidfd)
+        if pids is None or pids[0] <= 0 or ns is None or pid_ns(pids[0]) != ns:
+            return None
+        signal.pidfd_send_signal(pidfd, 0)  # still that process: its pid not reused since
+        return pids
+    except OSError:
+        return None
+
+
+def worker_pidfd(fds: list[int], joiner: int, zygote: int, ns: str | None) -> tuple[int, int] | None:
+    """(host pid, pidfd) of the worker a joiner reported ready: the pidfd it sent, or,
+    where seccomp denied it one, the joiner's only child, opened by us; either way a
+    child of the joiner (or of the zygote, once the joiner has exited) in the
+    container's pid namespace. None: not so (the worker itself could have raced its
+    joiner's message with one of its own)."""
+    try:
+        if fds:
+            pidfd = os.dup(fds[0])
+        else:
+            with open(f"/proc/{joiner}/task/{joiner}/children") as f:
+                children = f.read().split()
+            if len(children) != 1:
+                return None
+            pidfd = os.pidfd_open(int(children[0]))
+    except (OSError, ValueError):
+        return None
+    pids = _fdinfo_pids(pidfd) if is_pidfd(pidfd) else None
+    if pids is not None and pid_ns(pids[0]) == ns and _parent(pids[0]) in (joiner, zygote):
+        return pids[0], pidfd
+    os.close(pidfd)
+    return None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_closer: queue.SimpleQueue[int] = queue.SimpleQueue()
+_closer_started = threading.Event()
+
+
+def dispose(fds: list[int]) -> None:
+    """Let go of descriptors a worker sent, never blocking the calling thread."""
+    for fd in fds:
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue
+        if stat.S_ISSOCK(mode):  # reset, so that its close waits for no peer
+            if not _reset(fd):
+                _close_later(fd)
+        elif is_pidfd(fd) or stat.S_ISFIFO(mode):  # their last close never waits
+            os.close(fd)
+        else:
+            _close_later(fd)
+
+
+def _reset(fd: int) -> bool:
+    """SO_LINGER {on, 0} then close: an immediate reset. False if it could not be set."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        sock.detach()
+        return False
+    sock.close()
+    return True
+
+
+def _close_later(fd: int) -> None:
+    if not _closer_started.is_set():
+        _closer_started.set()
+        threading.Thread(target=_closing, name="warmexec-fd-closer", daemon=True).start()
+    _closer.put(fd)
+
+
+def _closing() -> None:
+    while True:
+        fd = _closer.get()
+        try:
+            os.close(fd)
+        except OSError:
+            pass
