@@ -132,6 +132,10 @@ class Outbox:
     def send(self, msg: dict, fds: list[int] = ()) -> bool:
         """Queue msg (taking ownership of fds); True if anything is left waiting."""
         data = ipc.encode(msg)
+        if not self.queue and ipc.send_nowait(self.sock, data, fds):  # the common case
+            for fd in fds:
+                os.close(fd)
+            return False
         self.queue.append((data, list(fds)))
         self.bytes += len(data)
         return self.flush()

@@ -210,16 +210,21 @@ class Dispatcher(ExecFlow):
             return self.lost(rt, sp, f"the worker sent an undecodable message ({bad})")
         if msg is None:
             return self.lost(rt, sp, sp.error or "worker exited")
+        pids = pidfds.fdinfo_pids(fds[0]) if len(fds) == 1 else None
         try:
-            if len(fds) > 1 or not all(pidfds.is_pidfd(fd) for fd in fds):
+            if fds and pids is None:
                 raise ValueError("descriptors other than one pidfd")
-            self.on_worker_message(rt, sp, msg, fds)
+            self.on_worker_message(rt, sp, msg, fds, pids)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
             self.lost(rt, sp, f"the worker sent a malformed message ({type(exc).__name__}: {exc})")
         finally:
-            pidfds.dispose(fds)
+            if pids is not None:
+                os.close(fds[0])  # a pidfd: its close never waits
+            else:
+                pidfds.dispose(fds)
 
-    def on_worker_message(self, rt: Runtime, sp: Worker, msg: dict, fds: list[int]) -> None:
+    def on_worker_message(self, rt: Runtime, sp: Worker, msg: dict, fds: list[int],
+                          pids: tuple[int, int] | None) -> None:
         op = msg.get("op")
         if op == "ready" and not sp.ready:
             self.on_ready(rt, sp, msg, fds)
@@ -229,7 +234,7 @@ class Dispatcher(ExecFlow):
             rt.hopeless |= sp.key == DEFAULT and (msg.get("errno") in (errno.EPERM, errno.EACCES)
                                                   or bool(sp.error_code))
         elif sp.ready:
-            self.on_exec_message(rt, sp, op, msg, fds)
+            self.on_exec_message(rt, sp, op, msg, fds, pids)
 
     def on_ready(self, rt: Runtime, sp: Worker, msg: dict, fds: list[int]) -> None:
         """The joiner forked the worker: from now on the handle is the worker's (checked

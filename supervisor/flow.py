@@ -41,19 +41,22 @@ class ExecFlow:
     ``containers``, ``metrics``, ``hooks``, ``publish``, ``send_reply``, the in-flight
     limits and ``active``; and which provides ``start_worker``, ``send_to`` and ``lost``."""
 
-    def on_exec_message(self, rt: Runtime, sp: Worker, op: str, msg: dict, fds: list[int]) -> None:
+    def on_exec_message(self, rt: Runtime, sp: Worker, op: str, msg: dict, fds: list[int],
+                        pids: tuple[int, int] | None) -> None:
+        """fds: at most one pidfd, pids what its fdinfo says (see pidfds)."""
         try:
-            self.on_exec_event(rt, sp, op, msg, fds)
+            self.on_exec_event(rt, sp, op, msg, fds, pids)
         finally:  # its pidfd read (or not), the worker may reap the command
             if op == "exited" and isinstance(msg.get("seq"), int) and msg["seq"] > sp.exit_seq:
                 self.ack_later(sp, msg["seq"])
 
-    def on_exec_event(self, rt: Runtime, sp: Worker, op: str, msg: dict, fds: list[int]) -> None:
+    def on_exec_event(self, rt: Runtime, sp: Worker, op: str, msg: dict, fds: list[int],
+                      pids: tuple[int, int] | None) -> None:
         ex = sp.inflight.get(msg.get("id"))
         if ex is None:
             return
         if op == "started" and ex.started is None:
-            self.on_started(rt, ex, msg, fds)
+            self.on_started(rt, ex, msg, fds, pids)
         elif op == "out":
             data, out = msg["data"], ex.output[msg.get("stream") == 2]
             if not isinstance(data, bytes) or len(out) + len(data) > ex.req.capture:
@@ -64,7 +67,7 @@ class ExecFlow:
             self.on_failed(rt, ex, msg)
         elif op == "exited":
             if ex.started is None:  # never announced: it exited that quickly
-                self.on_started(rt, ex, msg, fds, announced=False)
+                self.on_started(rt, ex, msg, fds, pids, announced=False)
             fields = ex.result(msg)  # first: a malformed message leaves the exec in flight
             del sp.inflight[ex.exec_id]
             if fields["signal"] == signal.SIGKILL:
@@ -76,7 +79,8 @@ class ExecFlow:
                 fields["timed_out"] = False  # it exited on its own before the kill landed
             self.finish(ex, rt, messages.ok_reply(ex.req_id, **fields))
 
-    def on_started(self, rt: Runtime, ex: Exec, msg: dict, fds: list[int], announced: bool = True) -> None:
+    def on_started(self, rt: Runtime, ex: Exec, msg: dict, fds: list[int], pids: tuple[int, int] | None,
+                   announced: bool = True) -> None:
         """The worker spawned the command (and, unless announced, it has exited: a
         zombie the worker keeps until our ack). Its pidfd is the only word on it that is
         taken: the host pid and the container pid come from the kernel, and only if the
@@ -87,9 +91,9 @@ class ExecFlow:
         valid = isinstance(at, float) and math.isfinite(at)
         ex.started = min(max(at, ex.dispatched or ex.received), now) if valid else now
         if fds:
-            pids = command_pids(fds[0], rt.pid_ns)
-            if pids is not None:
-                ex.pid, ex.container_pid = pids
+            checked = command_pids(fds[0], rt.pid_ns, pids)
+            if checked is not None:
+                ex.pid, ex.container_pid = checked
                 if announced:
                     ex.pidfd = os.dup(fds[0])
         elif isinstance(msg.get("pid"), int):  # no pidfd (seccomp): the worker's word,

@@ -38,27 +38,33 @@ def is_pidfd(fd: int) -> bool:
     return link == "anon_inode:[pidfd]" or link.startswith("pidfd:")
 
 
-def _fdinfo_pids(pidfd: int) -> tuple[int, int] | None:
-    """(pid in our namespace, pid in its own) from a pidfd's fdinfo; None if not one."""
-    fd = os.open(f"/proc/self/fdinfo/{pidfd}", os.O_RDONLY | os.O_CLOEXEC)
+def fdinfo_pids(pidfd: int) -> tuple[int, int] | None:
+    """(pid in our namespace, pid in its own) from a pidfd's fdinfo; None if the fd is
+    no pidfd (no other kind of descriptor has those lines)."""
+    try:
+        fd = os.open(f"/proc/self/fdinfo/{pidfd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
     try:
         data = os.read(fd, 4096)
     finally:
         os.close(fd)
-    fields = dict(line.split(b":", 1) for line in data.splitlines() if b":" in line)
+    at, ns_at = data.find(b"\nPid:"), data.find(b"\nNSpid:")
+    if at < 0 or ns_at < 0:
+        return None
     try:
-        return int(fields[b"Pid"]), int(fields[b"NSpid"].split()[-1])
-    except (KeyError, ValueError, IndexError):
+        pid = int(data[at + 5:data.index(b"\n", at + 1)])
+        return pid, int(data[ns_at + 7:data.index(b"\n", ns_at + 1)].split()[-1])
+    except (ValueError, IndexError):
         return None
 
 
-def command_pids(pidfd: int, ns: str | None) -> tuple[int, int] | None:
-    """(host pid, container pid) of the process behind a pidfd a worker sent, from the
-    kernel's own fdinfo; None unless it is a process (alive, or a zombie) of the
+def command_pids(pidfd: int, ns: str | None, pids: tuple[int, int] | None) -> tuple[int, int] | None:
+    """(host pid, container pid) of the process behind a pidfd a worker sent (pids: its
+    fdinfo_pids, read once); None unless it is a process (alive, or a zombie) of the
     container's pid namespace (a worker taken over by its container could send any
     pidfd it holds)."""
     try:
-        pids = _fdinfo_pids(pidfd)
         if pids is None or pids[0] <= 0 or ns is None or pid_ns(pids[0]) != ns:
             return None
         signal.pidfd_send_signal(pidfd, 0)  # still that process: its pid not reused since
@@ -84,7 +90,7 @@ def worker_pidfd(fds: list[int], joiner: int, zygote: int, ns: str | None) -> tu
             pidfd = os.pidfd_open(int(children[0]))
     except (OSError, ValueError):
         return None
-    pids = _fdinfo_pids(pidfd) if is_pidfd(pidfd) else None
+    pids = fdinfo_pids(pidfd)
     if pids is not None and pid_ns(pids[0]) == ns and _parent(pids[0]) in (joiner, zygote):
         return pids[0], pidfd
     os.close(pidfd)

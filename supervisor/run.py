@@ -7,13 +7,11 @@ import logging
 import resource
 from typing import Any
 
-from prometheus_client import start_http_server
-
 from ..protocol.client import DEFAULT_ENDPOINT
 from . import discovery
 from .auth import Auth
 from .hooks import load_python_hooks
-from .metrics import Metrics
+from .metrics import Metrics, start_http_server
 from .server import Supervisor
 
 log = logging.getLogger("warmexec")

@@ -169,9 +169,6 @@ def test_finished_execs_are_released_before_their_timeout(box, container, tmp_pa
 
 # ------------------------------------------------------------------ the metrics endpoint
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "supervisor/run.py still starts prometheus_client's server (a thread per connection, no "
-    "timeout), not supervisor.metrics.start_http_server"))
 def test_idle_metrics_connections_pin_no_thread_and_a_scrape_still_answers(box, tmp_path):
     sup = Supervisor(box, str(tmp_path))
     proc = psutil.Process(sup.proc.pid)
