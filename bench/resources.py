@@ -4,8 +4,9 @@ warmexec's processes are the supervisor's tree (docs/ARCHITECTURE.md), by depth:
 
     supervisor -> zygote -> workers -> commands (each exec, reaped by their worker)
 
-(An earlier design had a spawner per credential profile under each worker, one level
-deeper, reaping the commands; the accounting below is the same for both.)
+(A worker is forked by a short-lived joiner, and the zygote adopts it once the joiner
+has exited; a quick command's zombie lives until the supervisor's ack, at most 20 ms
+after its exit: commands are counted when reaped, as below.)
 
 A process's CPU reaches its parent's ``children_user/children_system`` only once the
 parent reaps it. So the whole tree's CPU over a batch of execs is, for every process
@@ -35,7 +36,7 @@ from bench.measure import runc_cmd, subprocess_once, warmexec_once
 from bench.runcbox import RuncBox
 from warmexec.protocol.client import Client
 
-DEPTHS = ("supervisor", "zygote", "workers", "spawners")  # spawners: the earlier design only
+DEPTHS = ("supervisor", "zygote", "workers")
 MIB = 1024 * 1024
 
 
@@ -201,8 +202,8 @@ def _pid_ns(pid: int, which: str) -> str | None:
 
 def by_container(sup_pid: int, init_pids: list[int]) -> list[list[psutil.Process]]:
     """The supervisor's descendants living for each container: those whose children
-    are born in the container's pid namespace (its workers, whatever their profile) or
-    that are in it themselves (spawners, in the earlier design)."""
+    are born in the container's pid namespace (its workers, whatever their profile,
+    which are in it themselves)."""
     mine: dict[str, list[psutil.Process]] = {}
     for p in psutil.Process(sup_pid).children(recursive=True):
         ns = _pid_ns(p.pid, "pid_for_children")
