@@ -169,6 +169,24 @@ def test_proc_self_exe_as_interpreter_never_reaches_the_host_binary(box, hostile
 
 # ------------------------------------------------------- CVE-2024-21626 / ptrace class
 
+def _stopper_box(box, tools, tmp_path, name: str) -> tuple[str, str, str, str]:
+    """A CAP_SYS_PTRACE container with the stopper in its rootfs, and a host-only
+    marker file to look for: (container, marker path, its token, report path)."""
+    cid = box.run(name, with_caps(box, "CAP_SYS_PTRACE"))
+    fs = rootfs(box, cid)
+    shutil.copy(tools["stopper"], os.path.join(fs, "stopper"))
+    marker = tmp_path / "host-only-marker"
+    token = secrets.token_hex(16)
+    marker.write_text(token)
+    return cid, str(marker), token, os.path.join(fs, "tmp", "report")
+
+
+def _start_stopper(box, cid: str, sup, marker: str, report: str, hold: bool) -> None:
+    runc_exec_detached(box, cid, ["/stopper", "/tmp/report", marker, str(sup.proc.pid), SECRET,
+                                  "1" if hold else "0"])
+    wait_for(lambda: os.path.exists(report) and "ready" in open(report).read(), 10, "the stopper")
+
+
 def test_a_ptrace_container_that_stops_each_new_process_gains_nothing(box, hostile_supervisor, tools,
                                                                        tmp_path):
     """With CAP_SYS_PTRACE the container stops every new process of its pid namespace
@@ -177,21 +195,13 @@ def test_a_ptrace_container_that_stops_each_new_process_gains_nothing(box, hosti
     host file), not carry the supervisor's environment, not run the host's
     interpreter, and share memory with no process outside the container's pid
     namespace. The exec is answered by its timeout, and the container's next exec works."""
-    cid = box.run("ptrace", with_caps(box, "CAP_SYS_PTRACE"))
-    fs = rootfs(box, cid)
-    shutil.copy(tools["stopper"], os.path.join(fs, "stopper"))
-    marker = tmp_path / "host-only-marker"
-    token = secrets.token_hex(16)
-    marker.write_text(token)
-    report = os.path.join(fs, "tmp", "report")
+    cid, marker, token, report = _stopper_box(box, tools, tmp_path, "ptrace")
     sup = hostile_supervisor
     try:
         with Client(sup.endpoint) as c:
             worker = wait_ready(c, cid)["worker_pid"]
             ns = pid_ns(box.init_pid(cid))
-            runc_exec_detached(box, cid, ["/stopper", "/tmp/report", str(marker), str(sup.proc.pid),
-                                          SECRET, "1"])
-            wait_for(lambda: os.path.exists(report) and "ready" in open(report).read(), 10, "the stopper")
+            _start_stopper(box, cid, sup, marker, report, hold=True)
             stopper_cpid = int(open(report).read().split("ready ")[1].split()[0])
             t0 = time.monotonic()
             rid = c.submit("exec", container=cid, argv=["true"], timeout=2)
@@ -231,19 +241,11 @@ def test_a_ptrace_container_sees_no_warmexec_process_that_holds_the_host(box, ho
                                                                          tmp_path):
     """The same stopper, continuing what it catches, over many execs and profiles: no
     process it can see, at any instant it catches, leads out of the container."""
-    cid = box.run("ptrace2", with_caps(box, "CAP_SYS_PTRACE"))
-    fs = rootfs(box, cid)
-    shutil.copy(tools["stopper"], os.path.join(fs, "stopper"))
-    marker = tmp_path / "host-only-marker"
-    token = secrets.token_hex(16)
-    marker.write_text(token)
-    report = os.path.join(fs, "tmp", "report")
+    cid, marker, token, report = _stopper_box(box, tools, tmp_path, "ptrace2")
     try:
         with Client(hostile_supervisor.endpoint) as c:
             wait_ready(c, cid)
-            runc_exec_detached(box, cid, ["/stopper", "/tmp/report", str(marker),
-                                          str(hostile_supervisor.proc.pid), SECRET, "0"])
-            wait_for(lambda: os.path.exists(report) and "ready" in open(report).read(), 10, "the stopper")
+            _start_stopper(box, cid, hostile_supervisor, marker, report, hold=False)
             for i in range(30):
                 user = (None, "alice", "bob")[i % 3]
                 r = c.exec(cid, ["sh", "-c", "echo $$"], user=user, timeout=10)
