@@ -20,7 +20,7 @@ from typing import Any
 from ..protocol import ipc
 from .discovery import Container
 from .execs import Exec
-from .pidfds import pid_ns
+from .pidfds import pid_ns, stat_fields
 
 
 class State(IntEnum):
@@ -98,11 +98,8 @@ class Worker:
 
     def state_letter(self) -> str:
         """The process's state in /proc (R, S, D, T, ...), "" if it is gone."""
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                return f.read().rsplit(b") ", 1)[1][:1].decode()
-        except (OSError, IndexError, TypeError):
-            return ""
+        fields = stat_fields(self.pid)
+        return fields[0].decode() if fields else ""
 
     def close(self) -> None:
         if self.outbox is not None:

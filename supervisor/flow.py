@@ -29,7 +29,7 @@ from ..protocol.errors import WarmexecError
 from . import status
 from .containers import DEFAULT, Runtime, State, Worker, oom_kills
 from .execs import Exec
-from .pidfds import command_pids
+from .pidfds import command_pids, stat_fields
 
 KILL_GRACE = 1.0  # after a timeout kill, how long the worker has to report the exit
 ACK_DELAY = 0.02  # at most this long a worker keeps an exited command's zombie, idle
@@ -305,9 +305,5 @@ def dying(rt: Runtime) -> bool:
     p.register(rt.init_pidfd, select.POLLIN)
     if p.poll(0):
         return True
-    try:
-        with open(f"/proc/{rt.info.init_pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b") ", 1)[1].split()
-        return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
-    except (OSError, IndexError, ValueError):
-        return True
+    fields = stat_fields(rt.info.init_pid)
+    return len(fields) < 7 or fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)

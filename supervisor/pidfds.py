@@ -97,12 +97,19 @@ def worker_pidfd(fds: list[int], joiner: int, zygote: int, ns: str | None) -> tu
     return None
 
 
-def _parent(pid: int) -> int | None:
+def stat_fields(pid: int | None) -> list[bytes]:
+    """/proc/PID/stat's fields after the command name (state first, then ppid, pgrp,
+    ...; field 3 of proc(5) is index 0); [] if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b") ", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+            return f.read().rsplit(b") ", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _parent(pid: int) -> int | None:
+    fields = stat_fields(pid)
+    return int(fields[1]) if len(fields) > 1 else None
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
