@@ -1,11 +1,11 @@
 """The Prometheus rules, the exposition format and the dashboard, through real Prometheus tools.
 
-- promtool checks the rules and runs their unit tests (prometheus/warmexec.rules.test.yml), and
-  every alert and recording rule there has the cases it needs (no root).
+- promtool checks the rules and runs their unit tests (no root): tests/unit/test_prometheus.py.
 - promtool lints a real scrape of the session supervisor after real execs (root).
-- A real Prometheus scrapes the session supervisor every second and evaluates the rules; every
-  query of every dashboard panel, every variable and every rule is then run through its HTTP
-  API and must succeed with data of the expected shape (root).
+- A real Prometheus scrapes the hooked session supervisor (the hook panels need hook samples)
+  every second and evaluates the rules; every query of every dashboard panel, every variable
+  and every rule is then run through its HTTP API and must succeed with data of the expected
+  shape (root).
 
 Debian's package `prometheus` provides both binaries. Outside CI a missing binary skips these
 tests; in CI (CI set in the environment) it fails them.
@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -30,14 +29,9 @@ import pytest
 from bench.harness import free_port
 from warmexec.protocol.errors import WarmexecError
 
-from .conftest import REPO, wait_for, wait_ready
-from .test_grafana import data_panels, load
-
-RULES = os.path.join(REPO, "prometheus", "warmexec.rules.yml")
-RULES_TEST = os.path.join(REPO, "prometheus", "warmexec.rules.test.yml")
-ALERT = re.compile(r"^\s*- alert:\s*(\S+)\s*$", re.M)
-RECORD = re.compile(r"^\s*- record:\s*(\S+)\s*$", re.M)
-SEVERITIES = {"critical", "warning", "info"}
+from ..unit.test_grafana import data_panels, load
+from ..unit.test_prometheus import ALERT, RECORD, RULES, SEVERITIES, binary
+from .conftest import wait_for, wait_ready
 
 # What the dashboard's variables and ranges stand for in the queries sent to Prometheus.
 RATE_INTERVAL = "1m"  # the whole test fits in it: every exec below is inside every window
@@ -46,66 +40,6 @@ ALL = {"container": ".*", "pod": ".*", "namespace": ".*"}
 # Panels whose metrics this test does not exercise: their queries may return nothing.
 MAY_BE_EMPTY = {"OOM kills", "Hook failures by kind / reason"}
 K8S = {"pod": "probe-0", "namespace": "monitoring"}
-
-
-def binary(name: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} is not installed (Debian: apt-get install prometheus)"
-    if os.environ.get("CI"):
-        pytest.fail(message + ": CI must install it")
-    pytest.skip(message)
-
-
-# ---- the rules (no root) -----------------------------------------------------------
-def test_rules_pass_promtool_check_and_their_unit_tests():
-    promtool = binary("promtool")
-    with open(RULES) as f:
-        rules = f.read()
-    alerts, records = ALERT.findall(rules), RECORD.findall(rules)
-    check = subprocess.run([promtool, "check", "rules", RULES], capture_output=True, text=True, timeout=60)
-    assert check.returncode == 0, check.stdout + check.stderr
-    assert f"SUCCESS: {len(alerts) + len(records)} rules found" in check.stdout, check.stdout
-    unit = subprocess.run([promtool, "test", "rules", RULES_TEST], capture_output=True, text=True,
-                          timeout=120, cwd=os.path.dirname(RULES_TEST))
-    assert unit.returncode == 0, unit.stdout + unit.stderr
-    assert "SUCCESS" in unit.stdout, unit.stdout
-
-
-def test_every_rule_has_unit_tests_that_fire_and_do_not_fire():
-    """promtool passes a test file that forgets an alert: make sure none is forgotten.
-
-    Each alert needs a case where it fires, with its severity and summary/description
-    annotations spelled out (promtool compares them whole), and a case where it does not;
-    each recording rule needs an expression test. Read as text: YAML is not a test dependency.
-    """
-    with open(RULES) as f:
-        rules = f.read()
-    with open(RULES_TEST) as f:
-        tests = f.read()
-    alerts, records = ALERT.findall(rules), RECORD.findall(rules)
-    assert len(alerts) >= 7 and len(set(alerts)) == len(alerts), alerts
-    for name in ("WarmexecSupervisorDown", "WarmexecContainerExecsFailing", "WarmexecExecFailureRatioHigh",
-                 "WarmexecExecLatencyHigh", "WarmexecWorkerCrashLooping", "WarmexecWorkersFatal",
-                 "WarmexecHookFailures", "WarmexecEventsDropped"):
-        assert name in alerts, f"{name} is missing from the rules"
-    for rule in re.split(r"^\s*- alert:", rules, flags=re.M)[1:]:
-        name = rule.split()[0]
-        severity = re.search(r"^\s*severity:\s*(\S+)", rule, re.M)
-        assert severity and severity.group(1) in SEVERITIES, f"{name}: severity label"
-        for annotation in ("summary", "description"):
-            assert re.search(rf"^\s*{annotation}:", rule, re.M), f"{name}: no {annotation}"
-    cases = re.split(r"^\s*- eval_time:", tests, flags=re.M)[1:]
-    for name in alerts:
-        mine = [c for c in cases if re.search(rf"^\s*alertname:\s*{name}\s*$", c, re.M)]
-        assert any(re.search(r"exp_alerts:\s*\[\]", c) for c in mine), f"{name}: no not-firing case"
-        firing = [c for c in mine if re.search(r"exp_alerts:\s*\n\s*- exp_labels:", c)]
-        assert firing, f"{name}: no firing case"
-        assert all("severity:" in c and "summary:" in c and "description:" in c for c in firing), \
-            f"{name}: a firing case without its severity and annotations"
-    for name in records:
-        assert re.search(rf"^\s*- expr:.*\b{re.escape(name)}\b", tests, re.M), f"{name}: no expression test"
 
 
 # ---- a real scrape (root) ----------------------------------------------------------
@@ -193,8 +127,9 @@ class Prometheus:
 
 
 @pytest.fixture
-def prometheus(supervisor, tmp_path) -> Iterator[Prometheus]:
-    prom = Prometheus(str(tmp_path), supervisor.metrics_port)
+def prometheus(hooked_supervisor, tmp_path) -> Iterator[Prometheus]:
+    """Scraping the hooked supervisor: the dashboard's hook panels need hook samples."""
+    prom = Prometheus(str(tmp_path), hooked_supervisor.metrics_port)
     try:
         yield prom
     finally:
@@ -237,17 +172,18 @@ def exercise(client, container: str, k8s: str) -> None:
 
 
 @pytest.mark.root
-def test_prometheus_evaluates_every_dashboard_query_and_rule(box, supervisor, client, container, prometheus):
+def test_prometheus_evaluates_every_dashboard_query_and_rule(box, hooked_client, hooked_container,
+                                                              prometheus):
     cfg = box.config()
     cfg["annotations"] = {"io.kubernetes.cri.sandbox-name": K8S["pod"],
                           "io.kubernetes.cri.sandbox-namespace": K8S["namespace"]}
     k8s = box.run("prom-probe", cfg)
     try:
-        wait_ready(client, k8s)
-        _check(prometheus, client, container, k8s)
+        wait_ready(hooked_client, k8s)
+        _check(prometheus, hooked_client, hooked_container, k8s)
     finally:
         box.delete(k8s)
-        wait_for(lambda: all(r["id"] != k8s for r in client.list()), 10, "the probe container to go")
+        wait_for(lambda: all(r["id"] != k8s for r in hooked_client.list()), 10, "the probe container to go")
     assert time.monotonic() - prometheus.started < 60, "keep this test under a minute"
 
 

@@ -226,7 +226,7 @@ def test_paused_container_is_refused_like_runc(box, client, container):
 def test_python_hooks_run_and_their_failures_stay_inside(box, tmp_path, monkeypatch):
     log = tmp_path / "hook.log"
     monkeypatch.setenv("WARMEXEC_TEST_HOOK_LOG", str(log))
-    sup = Supervisor(box, str(tmp_path), '[hooks]\npython = ["tests.pyhook:RecordingHook"]\n')
+    sup = Supervisor(box, str(tmp_path), '[hooks]\npython = ["tests.system.pyhook:RecordingHook"]\n')
     cid = box.run("pyhook")
     try:
         with Client(sup.endpoint) as c:

@@ -184,9 +184,9 @@ def test_unknown_user_is_a_clear_error(client, container):
     assert client.exec(container, ["true"])["exit_code"] == 0
 
 
-def test_hooks_fire_with_real_pids(supervisor, client, container):
-    r = client.exec(container, ["sh", "-c", "sleep 1; exit 4"])
-    hook_dir = supervisor.hook_dir
+def test_hooks_fire_with_real_pids(hooked_supervisor, hooked_client, hooked_container):
+    r = hooked_client.exec(hooked_container, ["sh", "-c", "sleep 1; exit 4"])
+    hook_dir = hooked_supervisor.hook_dir
 
     def docs():
         found = {}
@@ -200,7 +200,7 @@ def test_hooks_fire_with_real_pids(supervisor, client, container):
                 found[doc["event"]] = doc
         return found if len(found) == 2 else None
     found = wait_for(docs, 10, "start and exit hooks")
-    assert found["start"]["container"] == container and found["start"]["argv"][0] == "sh"
+    assert found["start"]["container"] == hooked_container and found["start"]["argv"][0] == "sh"
     assert found["start"]["container_pid"] == r["container_pid"]
     # the host pid is the process the hook saw: its innermost pid is the container's
     assert found["start"]["nspid"] == [str(r["pid"]), str(r["container_pid"])]

@@ -21,7 +21,7 @@ from warmexec.protocol.errors import WarmexecError
 from warmexec.supervisor import metrics
 from warmexec.supervisor.server import Loop
 
-from .conftest import wait_for
+from ..conftest import wait_for
 
 # ----------------------------------------------------------------------- the id's size
 

@@ -360,8 +360,8 @@ def _odd_but_valid() -> dict:
 
 def mutated_exec(container: str) -> st.SearchStrategy[bytes]:
     """A valid exec of `true` with one to three fields made wrong, or (one in twenty)
-    with only odd-but-valid changes, which runs: not more, as each run fires the session
-    supervisor's two Python hooks."""
+    with only odd-but-valid changes, which runs: not more, as each run is a real exec in
+    the session container."""
     return _mutated_exec(container, _bad(container), _odd_but_valid())
 
 

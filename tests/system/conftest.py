@@ -1,0 +1,125 @@
+"""Fixtures: real runc containers under a private root, real supervisor processes.
+
+No mocks on the exec path. Waits are on conditions with deadlines, never bare sleeps.
+
+`supervisor`, `client` and `container` take the default path: no hooks and no event
+stream, so a quick exec's start travels with its exit. `hooked_supervisor`,
+`hooked_client` and `hooked_container` are the same with a start and an exit hook (the
+supervisor then asks workers to announce every start), for the tests of hooks and their
+metrics. Both supervisors watch the same RuncBox root: each container there has a worker
+of each once both have started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+from bench.harness import SupervisorProcess, wait_for, wait_ready  # noqa: F401 - re-exported
+from bench.runcbox import RuncBox
+from warmexec.protocol import Client
+
+from ..conftest import REPO  # noqa: F401 - re-exported
+
+
+class Supervisor(SupervisorProcess):
+    """The harness's supervisor with a hooks directory for the hook tests.
+
+    Its periodic rescan is an hour apart: every container the tests start is found
+    through inotify alone, so the tests prove that path.
+    """
+
+    def __init__(self, box: RuncBox, workdir: str, config: str = "") -> None:
+        self.hook_dir = os.path.join(workdir, "hooks")
+        os.makedirs(self.hook_dir, exist_ok=True)
+        super().__init__(box.root, workdir, config, scan_interval=3600)
+
+
+HOOK_SCRIPT = """import json, sys, os
+doc = json.load(sys.stdin)
+try:  # the host's view of the pid, while the process may still run
+    with open("/proc/%s/status" % doc["pid"]) as f:
+        doc["nspid"] = [l.split()[1:] for l in f if l.startswith("NSpid:")][0]
+except (OSError, IndexError, TypeError):
+    doc["nspid"] = None
+name = "%s-%s.json" % (sys.argv[1], doc["exec_id"])
+with open(os.path.join(sys.argv[2], name), "w") as f:
+    json.dump(doc, f)
+"""
+
+
+def _stop(sup: Supervisor) -> None:
+    assert sup.stop() == 0
+    assert "internal error" not in sup.read_log(), "the supervisor logged an internal error"
+
+
+@pytest.fixture(scope="session")
+def box():
+    b = RuncBox()
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture(scope="session")
+def supervisor(box, tmp_path_factory):
+    """The default path: no hooks, no event stream."""
+    sup = Supervisor(box, str(tmp_path_factory.mktemp("sup")))
+    yield sup
+    _stop(sup)
+
+
+@pytest.fixture(scope="session")
+def client(supervisor):
+    c = Client(supervisor.endpoint)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def container(box, client):
+    """The default busybox container (runc spec defaults), warm."""
+    cid = box.run("default")
+    wait_ready(client, cid)
+    return cid
+
+
+@pytest.fixture(scope="session")
+def hooked_supervisor(box, tmp_path_factory):
+    """A start and an exit hook that write each event, with the command's NSpid, as
+    hook_dir/start-<exec id>.json and hook_dir/exit-<exec id>.json."""
+    workdir = str(tmp_path_factory.mktemp("hooked-sup"))
+    hook = os.path.join(workdir, "hook.py")
+    with open(hook, "w") as f:
+        f.write(HOOK_SCRIPT)
+    hooks_dir = os.path.join(workdir, "hooks")
+    cfg = (f'[[hooks.start]]\ncommand = ["{sys.executable}", "{hook}", "start", "{hooks_dir}"]\n'
+           f'timeout = 10\n'
+           f'[[hooks.exit]]\ncommand = ["{sys.executable}", "{hook}", "exit", "{hooks_dir}"]\n')
+    sup = Supervisor(box, workdir, cfg)
+    yield sup
+    _stop(sup)
+
+
+@pytest.fixture(scope="session")
+def hooked_client(hooked_supervisor):
+    c = Client(hooked_supervisor.endpoint)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def hooked_container(container, hooked_client):
+    """The default container, warm in the hooked supervisor too."""
+    wait_ready(hooked_client, container)
+    return container
+
+
+@pytest.fixture
+def tmpdir_short():
+    d = tempfile.mkdtemp(prefix="we-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
