@@ -1,9 +1,13 @@
-"""``warmexec serve --config FILE``: a TOML file; command-line flags win over it.
+"""The supervisor's configuration: one frozen object, every default in one place.
+
+``warmexec serve --config FILE`` reads a TOML file; command-line flags win over it::
 
     endpoint = "ipc:///run/warmexec/warmexec.sock"
     runc_roots = ["/run/runc"]
     metrics_addr = "127.0.0.1:9750"
     container_label = true
+    scan_interval = 2.0
+    events = "ipc:///run/warmexec/events.sock"
 
     [limits]
     max_inflight = 1024
@@ -15,31 +19,67 @@
 
     [[hooks.exit]]               # once its wait status is known
     command = ["logger", "-t", "warmexec"]
+
+    [auth]                       # CurveZMQ, for tcp:// endpoints (see auth.py)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
+from dataclasses import dataclass, field
 from typing import Any
+
+from ..protocol.client import DEFAULT_ENDPOINT
+from .discovery import DEFAULT_ROOTS
 
 
 class ConfigError(SystemExit):
     pass
 
 
-def load_config(path: str | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Config:
+    endpoint: str = DEFAULT_ENDPOINT
+    runc_roots: tuple[str, ...] = DEFAULT_ROOTS
+    metrics_addr: str | None = None  # HOST:PORT of the Prometheus endpoint
+    container_label: bool = True  # label exec metrics with the container (False: thousands)
+    scan_interval: float = 2.0  # seconds between full rescans (inotify sees changes at once)
+    max_inflight: int = 1024  # execs received and not yet answered, in all
+    max_inflight_per_container: int = 256
+    hooks: dict[str, Any] = field(default_factory=dict)  # {"start": [...], "exit": [...], "python": [...]}
+    auth: dict[str, Any] | None = None  # the [auth] table: CurveZMQ keys
+    acl: dict[str, dict] = field(default_factory=dict)  # per client key: what it may do
+    insecure_tcp: bool = False  # serve tcp:// without CurveZMQ
+    events: str | None = None  # the event stream's PUB endpoint
+
+    def with_flags(self, **flags: Any) -> Config:
+        """This config with the flags that were given (None: not given) in its place."""
+        return dataclasses.replace(self, **{k: v for k, v in flags.items() if v is not None})
+
+
+def load_config(path: str | None) -> Config:
+    """The TOML file's settings over the defaults (no file: the defaults)."""
     if not path:
-        return {}
+        return Config()
     try:
         with open(path, "rb") as f:
             cfg = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"warmexec: cannot read config {path}: {exc}") from None
+    hooks = cfg.get("hooks", {})
     for kind in ("start", "exit"):
-        for hook in cfg.get("hooks", {}).get(kind, []):
+        for hook in hooks.get(kind, []):
             cmd = hook.get("command")
             if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
                 raise ConfigError(f"warmexec: {path}: hooks.{kind}.command must be a list of strings")
             if not isinstance(hook.get("timeout", 5), (int, float)):
                 raise ConfigError(f"warmexec: {path}: hooks.{kind}.timeout must be a number")
-    return cfg
+    limits = cfg.get("limits", {})
+    roots = cfg.get("runc_roots")
+    return Config().with_flags(
+        endpoint=cfg.get("endpoint"), runc_roots=tuple(roots) if roots else None,
+        metrics_addr=cfg.get("metrics_addr"), container_label=cfg.get("container_label"),
+        scan_interval=cfg.get("scan_interval"), max_inflight=limits.get("max_inflight"),
+        max_inflight_per_container=limits.get("max_inflight_per_container"), hooks=hooks,
+        auth=cfg.get("auth") or None, acl=cfg.get("acl"), events=cfg.get("events"))

@@ -12,10 +12,14 @@ import itertools
 import os
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol.messages import ExecRequest
 from . import status
+
+if TYPE_CHECKING:
+    from .handles import Worker
+    from .loop import Timer
 
 _ids = itertools.count(1)
 PIDFD_SIGNAL_PROCESS_GROUP = 4
@@ -34,13 +38,13 @@ class Exec:
         self.output = (bytearray(), bytearray())  # chunks sent ahead of the exit
         self.stdin_fd = -1
         self.stdin_left = b""
-        self.worker: Any = None
+        self.worker: Worker | None = None  # the one it was sent to
         self.pid: int | None = None
         self.container_pid: int | None = None
         self.pidfd = -1
         self.timed_out = False
         self.done = False
-        self.timers: list[Any] = []  # the loop's timers for it, cancelled when it ends
+        self.timers: list[Timer] = []  # the loop's timers for it, cancelled when it ends
 
     def open_stdin(self) -> list[int]:
         """A pipe for the request's input; return the command's end ([] without input)."""
@@ -68,22 +72,8 @@ class Exec:
             self.stdin_fd = -1
 
     def kill_group(self) -> None:
-        """SIGKILL the exec's process group (it leads its own) through its pidfd: the
-        kernel resolves the group of that very process, no pid number involved (Linux
-        6.9); on older kernels, by the group's number once the pidfd says its leader is
-        still the process we started."""
-        if self.pidfd < 0 or self.pid is None:
-            return
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL, None, PIDFD_SIGNAL_PROCESS_GROUP)
-        except (ProcessLookupError, PermissionError):
-            pass
-        except OSError:  # EINVAL: a kernel without the flag
-            try:
-                signal.pidfd_send_signal(self.pidfd, 0)  # ESRCH once it has exited
-                os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if self.pidfd >= 0 and self.pid is not None:
+            kill_group(self.pidfd, self.pid)
 
     def close(self) -> None:
         self.close_stdin()
@@ -97,23 +87,33 @@ class Exec:
         return {"queued": us(self.dispatched), "spawn": us(self.started), "total": us(end)}
 
     def result(self, msg: dict) -> dict:
-        """Fields of the ok reply, from the worker's exit message (checked: the worker is
-        the container's, and may say anything)."""
+        """Fields of the ok reply, from the worker's exit message (checked against its
+        schema: the worker is the container's, and may say anything of its types)."""
         capture = self.req.capture
-        out, err = (bytes(self.output[i]) + _bytes(msg[k]) for i, k in ((0, "stdout"), (1, "stderr")))
+        out, err = (bytes(self.output[i]) + msg[k] for i, k in ((0, "stdout"), (1, "stderr")))
         return {
-            **status.decode(int(msg["status"]) & 0xFFFF),
+            **status.decode(msg["status"] & 0xFFFF),
             "pid": self.pid, "container_pid": self.container_pid,
             "stdout": out[:capture], "stderr": err[:capture],
-            "truncated": int(msg["stdout_total"]) > capture or int(msg["stderr_total"]) > capture,
+            "truncated": msg["stdout_total"] > capture or msg["stderr_total"] > capture,
             "timed_out": self.timed_out, "oom_killed": False,
-            "rusage": {"utime": float(msg["utime"]), "stime": float(msg["stime"]),
-                       "maxrss_kb": int(msg["maxrss"])},
+            "rusage": {"utime": msg["utime"], "stime": msg["stime"], "maxrss_kb": msg["maxrss"]},
             "timings": self.timings(time.monotonic()),
         }
 
 
-def _bytes(value: object) -> bytes:
-    if not isinstance(value, bytes):
-        raise TypeError("output must be bytes")
-    return value
+def kill_group(pidfd: int, pid: int) -> None:
+    """SIGKILL a command's process group (it leads its own) through its pidfd: the
+    kernel resolves the group of that very process, no pid number involved (Linux 6.9);
+    on older kernels, by the group's number once the pidfd says its leader is still the
+    process we started."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL, None, PIDFD_SIGNAL_PROCESS_GROUP)
+    except (ProcessLookupError, PermissionError):
+        pass
+    except OSError:  # EINVAL: a kernel without the flag
+        try:
+            signal.pidfd_send_signal(pidfd, 0)  # ESRCH once it has exited
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -29,6 +29,10 @@ import time
 from importlib.metadata import entry_points
 from typing import Any
 
+from .lifecycle import Emit
+from .loop import Loop
+from .metrics import Metrics
+
 log = logging.getLogger("warmexec.hooks")
 
 MAX_RUNNING = 64
@@ -51,14 +55,15 @@ def _instantiate(obj: Any) -> Any:
 
 
 class Hooks:
-    def __init__(self, loop: Any, cfg: dict, metrics: Any = None, python_hooks: list[Any] = ()) -> None:
+    def __init__(self, loop: Loop, cfg: dict, metrics: Metrics | None = None, python_hooks: list[Any] = (),
+                 emit: Emit | None = None) -> None:
         self.loop = loop
         self.metrics = metrics
         self.commands = {kind: list(cfg.get(kind, [])) for kind in ("start", "exit")}
         self.python = list(python_hooks)
         self.running: dict[int, tuple[subprocess.Popen, str, float]] = {}  # pidfd -> (proc, kind, t0)
         self.queue: queue.Queue = queue.Queue(maxsize=1000)
-        self.emit: Any = None  # the supervisor's event emitter, set once it exists
+        self.emit = emit
         if self.python:
             threading.Thread(target=self._python_thread, name="warmexec-hooks", daemon=True).start()
 

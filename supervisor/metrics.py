@@ -33,7 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from ..protocol.errors import ALL
-from .containers import State
+from .lifecycle import State
 
 log = logging.getLogger("warmexec")
 
@@ -77,8 +77,9 @@ class Metrics:
         self.hook_seconds = Histogram("warmexec_hook_duration_seconds",
                                       "Command hooks, start to exit", ("kind",), registry=r,
                                       buckets=DURATION_BUCKETS)
-        self.restarts = Counter("warmexec_worker_restarts", "Workers that died and were restarted",
-                                registry=r)
+        self.restarts = Counter("warmexec_worker_restarts",
+                                "Deaths of containers' own workers (each restarted after a "
+                                "backoff, or the last one before FATAL)", registry=r)
         self.warmup_seconds = Histogram("warmexec_worker_warmup_seconds",
                                         "Worker fork to ready (namespaces joined)", registry=r,
                                         buckets=SPAWN_BUCKETS)
@@ -204,9 +205,9 @@ class _LiveCollector:
                 rows = list(self.metrics._table())
                 states = {s.name: 0 for s in State if s != State.EXITED}
                 inflight = 0
-                for rt in rows:
-                    states[rt.state.name] = states.get(rt.state.name, 0) + 1
-                    inflight += rt.inflight()
+                for c in rows:  # served containers, by their own workers
+                    states[c.state.name] = states.get(c.state.name, 0) + 1
+                    inflight += c.open_execs()
                 break
             except RuntimeError:
                 continue

@@ -97,6 +97,29 @@ def worker_pidfd(fds: list[int], joiner: int, zygote: int, ns: str | None) -> tu
     return None
 
 
+def children(parent: int | None, ns: str | None) -> list[tuple[int, int, int]]:
+    """(pidfd, host pid, container pid) of each child of parent (a worker, by its host
+    pid) in the pid namespace ns, opened by us: for commands whose pidfd we were never
+    sent. A child is taken only if, with its pidfd open, it is still parent's child."""
+    try:
+        with open(f"/proc/{parent}/task/{parent}/children") as f:
+            pids = [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []
+    found = []
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        ids = fdinfo_pids(pidfd)
+        if ids is not None and _parent(pid) == parent and pid_ns(pid) == ns:
+            found.append((pidfd, *ids))
+        else:
+            os.close(pidfd)
+    return found
+
+
 def stat_fields(pid: int | None) -> list[bytes]:
     """/proc/PID/stat's fields after the command name (state first, then ppid, pgrp,
     ...; field 3 of proc(5) is index 0); [] if the process is gone."""

@@ -35,7 +35,7 @@ import signal
 import socket
 import stat
 
-from ..protocol import ipc
+from ..protocol import internal, ipc
 from . import creds, linux
 from .users import UnknownUser
 from .worker import ExecLoop
@@ -53,18 +53,18 @@ def joiner_main(sock: socket.socket, seccomp: dict | None, zygote_pid: int) -> N
     msg, fds = ipc.recv(sock)
     for fd in fds:
         os.close(fd)
-    if msg is None or msg.get("op") != "join":
+    if msg is None or msg.get("op") != internal.JOIN:
         return
-    spec, user, privileged = msg["spec"], msg.get("user"), bool(msg.get("privileged"))
+    spec, user, privileged = msg["spec"], msg["user"], msg["privileged"]
     if seccomp is not None:
         spec["process"]["seccomp"] = seccomp
     try:
         join(spec)
         profile = creds.make_profile(spec["process"], user, privileged)
     except UnknownUser as exc:
-        return ipc.send(sock, {"op": "fatal", "code": "NO_SUCH_USER", "errno": 0, "message": str(exc)})
+        return ipc.send(sock, internal.fatal("NO_SUCH_USER", 0, str(exc)))
     except creds.Refused as exc:
-        return ipc.send(sock, {"op": "fatal", "code": "SPAWN_FAILED", "errno": 0, "message": str(exc)})
+        return ipc.send(sock, internal.fatal("SPAWN_FAILED", 0, str(exc)))
     except OSError as exc:
         return _fatal(sock, exc, "cannot join container")
     null = stdio_from_container()
@@ -88,12 +88,11 @@ def joiner_main(sock: socket.socket, seccomp: dict | None, zygote_pid: int) -> N
         fds = [os.pidfd_open(pid)]
     except OSError:  # a seccomp allow-list older than pidfd_open: the supervisor opens it
         fds = []
-    ipc.send(sock, {"op": "ready", "pid": pid, "uid": profile["uid"], "gid": profile["gid"]}, fds)
+    ipc.send(sock, internal.ready(pid, profile["uid"], profile["gid"]), fds)
 
 
 def _fatal(sock: socket.socket, exc: OSError, what: str, code: str = "") -> None:
-    ipc.send(sock, {"op": "fatal", "code": code, "errno": exc.errno or 0,
-                    "message": f"{what}: {exc.strerror or exc}"})
+    ipc.send(sock, internal.fatal(code, exc.errno or 0, f"{what}: {exc.strerror or exc}"))
 
 
 def join(spec: dict) -> None:

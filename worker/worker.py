@@ -3,16 +3,10 @@
 The joiner (:mod:`join`) forked it inside the container's namespaces and cgroups
 with one credential profile already taken, so each exec is a ``posix_spawn`` (vfork +
 exec) in a new session that inherits all of it. It talks to the supervisor over its
-socketpair::
-
-    supervisor -> {op: spawn, id, argv, env, cwd, capture, stdin, announce, ack}
-                  (+ fds [stdin] if stdin)
-    worker     -> {op: started, id, pid, started_at} + fds [pidfd of the command]
-                | {op: failed, id, errno, stage}
-    worker     -> {op: out, id, stream, data}...  (only for output over one message)
-    worker     -> {op: exited, id, seq, status, utime, stime, maxrss, pid, started_at,
-                   stdout, stderr, stdout_total, stderr_total} + fds [pidfd]
-    supervisor -> {op: kill, id, signal} | {op: ack, ack}
+socketpair, in the messages of :mod:`warmexec.protocol.internal`: ``spawn`` and ``ack``
+come down (an exec's stdin pipe with its spawn, when it has input); ``started``,
+``failed``, ``out`` (only for output over one message) and ``exited`` go up, with the
+command's pidfd on ``started`` and ``exited``.
 
 The worker is a process of the container: the container can see it, signal it and,
 with CAP_SYS_PTRACE, trace it. So it holds nothing a container process may not hold:
@@ -49,7 +43,7 @@ import socket
 import stat
 import time
 
-from ..protocol import ipc
+from ..protocol import internal, ipc
 from . import creds, linux
 
 CHUNK = 96 * 1024  # output per message: well under a socketpair's default send buffer
@@ -151,21 +145,14 @@ class ExecLoop:
                 self.announce_due()
 
     def handle(self, msg: dict, fds: list[int]) -> None:
-        op = msg.get("op")
+        """A spawn or an ack from the supervisor (which alone kills commands: it holds
+        their pidfds, or finds them among our children when we cannot open any)."""
         try:
-            if isinstance(msg.get("ack"), int):
-                self.reap_acked(msg["ack"])
-            if op == "spawn":
-                if msg.get("stdin") and not fds:  # no room for it under our fd limit
+            self.reap_acked(msg["ack"])
+            if msg["op"] == internal.SPAWN:
+                if msg["stdin"] and not fds:  # no room for it under our fd limit
                     return self.fail(msg["id"], errno.EMFILE, "stdin")
                 self.spawn(msg, fds[0] if fds else 0)  # fd 0 reads nothing
-            elif op == "kill":
-                child = self.by_id.get(msg.get("id"))
-                if child is not None:
-                    try:
-                        os.killpg(child.pid, msg.get("signal", signal.SIGKILL))
-                    except ProcessLookupError:
-                        pass
         finally:
             for fd in fds:
                 os.close(fd)
@@ -173,15 +160,15 @@ class ExecLoop:
     def spawn(self, msg: dict, stdin: int) -> None:
         exec_id = msg["id"]
         env = dict(self.base_env)
-        env.update(msg.get("env") or {})
+        env.update(msg["env"])
         try:
-            os.chdir(msg.get("cwd") or self.cwd)
+            os.chdir(msg["cwd"] or self.cwd)
         except OSError as exc:
             return self.fail(exec_id, exc.errno, "cwd")
         path, err = lookup(msg["argv"][0], env.get("PATH"), self.paths)
         if path is None:
             return self.fail(exec_id, err, "lookup")
-        capture = msg.get("capture", 0)
+        capture = msg["capture"]
         outputs: list[Output] = []
         child_fds = [stdin]
         spare = -1  # a descriptor held for the pidfd: the fd limit must not leave a
@@ -223,14 +210,13 @@ class ExecLoop:
         for out in outputs:
             self.pipes[out.fd] = out
             self.poll.register(out.fd, select.POLLIN)
-        if msg.get("announce", True):
+        if msg["announce"]:
             self.announce(child)
         else:
             self.unannounced[exec_id] = child
 
     def announce(self, child: Child) -> None:
-        ipc.send(self.sock, {"op": "started", "id": child.exec_id, "pid": child.pid,
-                             "started_at": child.started_at},
+        ipc.send(self.sock, internal.started(child.exec_id, child.pid, child.started_at),
                  [child.pidfd] if child.pidfd >= 0 else [])
 
     def announce_due(self) -> None:
@@ -284,7 +270,7 @@ class ExecLoop:
         return pid
 
     def fail(self, exec_id: object, err: int | None, stage: str) -> None:
-        ipc.send(self.sock, {"op": "failed", "id": exec_id, "errno": err or 0, "stage": stage})
+        ipc.send(self.sock, internal.failed(exec_id, err or 0, stage))
 
     def close_output(self, out: Output) -> None:
         if out.fd >= 0:
@@ -343,16 +329,12 @@ class ExecLoop:
         if len(stdout) + len(stderr) > CHUNK:
             for stream, data in ((1, stdout), (2, stderr)):
                 for i in range(0, len(data), CHUNK):
-                    ipc.send(self.sock, {"op": "out", "id": child.exec_id, "stream": stream,
-                                         "data": data[i:i + CHUNK]})
+                    ipc.send(self.sock, internal.out(child.exec_id, stream, data[i:i + CHUNK]))
             stdout = stderr = b""
         totals = [o.total for o in child.outputs] or [0, 0]
         seq = self.seq if child.pidfd >= 0 else 0
-        ipc.send(self.sock, {"op": "exited", "id": child.exec_id, "seq": seq, "status": status,
-                             "utime": utime, "stime": stime, "maxrss": maxrss, "pid": child.pid,
-                             "started_at": child.started_at,
-                             "stdout": stdout, "stderr": stderr,
-                             "stdout_total": totals[0], "stderr_total": totals[1]},
+        ipc.send(self.sock, internal.exited(child.exec_id, seq, status, utime, stime, maxrss, child.pid,
+                                            child.started_at, stdout, stderr, *totals),
                  [child.pidfd] if child.pidfd >= 0 else [])
         if child.pidfd >= 0:
             os.close(child.pidfd)

@@ -51,7 +51,7 @@ import time  # noqa: F401
 
 import msgpack  # noqa: F401
 
-from ..protocol import codec, ipc
+from ..protocol import codec, internal, ipc
 from . import linux, seccomp
 from .join import joiner_main
 
@@ -94,7 +94,7 @@ def main(supervisor_pid: int, fd: int) -> None:
                 return
             for extra in fds:
                 os.close(extra)
-            if msg.get("op") == "fork":
+            if msg.get("op") == internal.FORK:
                 fork_joiner(sock, msg, me, (wake_r, wake_w))
 
 
@@ -178,7 +178,7 @@ def fork_joiner(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int
     except OSError as exc:
         ours.close()
         theirs.close()
-        ipc.send(sock, {"op": "forked", "tag": msg.get("tag"), "pid": 0, "error": str(exc)})
+        ipc.send(sock, internal.forked(msg["tag"], 0, str(exc)))
         return 0
     if pid == 0:
         code = 1
@@ -201,7 +201,7 @@ def fork_joiner(sock: socket.socket, msg: dict, me: int, own_fds: tuple[int, int
             os._exit(code)
     theirs.close()
     pidfd = os.pidfd_open(pid)
-    ipc.send(sock, {"op": "forked", "tag": msg.get("tag"), "pid": pid}, [ours.fileno(), pidfd])
+    ipc.send(sock, internal.forked(msg["tag"], pid), [ours.fileno(), pidfd])
     ours.close()
     os.close(pidfd)
     return pid

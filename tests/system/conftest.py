@@ -13,9 +13,7 @@ of each once both have started.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 
 import pytest
 
@@ -116,10 +114,3 @@ def hooked_container(container, hooked_client):
     """The default container, warm in the hooked supervisor too."""
     wait_ready(hooked_client, container)
     return container
-
-
-@pytest.fixture
-def tmpdir_short():
-    d = tempfile.mkdtemp(prefix="we-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)

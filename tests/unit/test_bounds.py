@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from warmexec.protocol import codec, errors, messages
 from warmexec.protocol.errors import WarmexecError
 from warmexec.supervisor import metrics
-from warmexec.supervisor.server import Loop
+from warmexec.supervisor.loop import Loop
 
 from ..conftest import wait_for
 

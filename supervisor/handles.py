@@ -1,92 +1,91 @@
-"""Per-container runtime state: its worker's lifecycle, and its workers of other profiles.
+"""What the supervisor holds of a served container and of each of its workers.
 
-The worker's life is an explicit state machine. Every change goes through
-``_transition`` which checks the edge against ``TRANSITIONS``, stamps the time and
-emits one event. BACKOFF spaces out restarts of a worker that keeps dying; FATAL stops
-a container whose namespaces cannot be joined from respawning in a hot loop.
+``Served`` is a container being served: what discovery found, a pidfd on its init,
+its freezer and OOM counters, and its workers, one per credential profile. ``Worker``
+is the handle on one (container, profile) worker: its process (a pidfd), its socket and
+non-blocking ``Outbox``, its lifecycle (lifecycle.py) and the execs waiting for it or
+in flight in it. The container's own worker (``DEFAULT``) keeps its handle across
+restarts; a worker of another profile has one handle for its one life.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
-from enum import IntEnum
 from typing import Any
 
 from ..protocol import ipc
 from .discovery import Container
 from .execs import Exec
+from .lifecycle import Emit, Lifecycle, State
+from .loop import Timer
 from .pidfds import pid_ns, stat_fields
 
-
-class State(IntEnum):
-    STARTING = 10  # fork asked of the zygote
-    JOINING = 20  # forked, joining the container
-    READY = 30
-    BACKOFF = 40  # died while the container lives; restart pending
-    EXITED = 50  # the container is gone
-    FATAL = 60  # failed too often; no more restarts
-
-
-TRANSITIONS = {
-    State.STARTING: {State.JOINING, State.BACKOFF, State.EXITED},
-    State.JOINING: {State.READY, State.BACKOFF, State.EXITED},
-    State.READY: {State.BACKOFF, State.EXITED},
-    State.BACKOFF: {State.STARTING, State.FATAL, State.EXITED},
-    State.FATAL: {State.EXITED},
-    State.EXITED: set(),
-}
-
-MAX_FAILURES = 5
-BACKOFF_BASE = 0.1
-BACKOFF_MAX = 5.0
-#: A worker that dies sooner than this after READY continues its run of failures (so
-#: a container that kills its worker as soon as it serves cannot make it restart in a
-#: hot loop); one that served longer starts a new run.
-STABLE_AFTER = 10.0
-
-
-#: The profile of execs that name no user and are not privileged: the container's own.
+#: The profile (user, privileged) of execs that name no user and are not privileged: the
+#: container's own.
 DEFAULT = ("", False)
+Profile = tuple[str, bool]
+PF_EXITING = 0x4  # /proc/PID/stat flags: the process is exiting
 
 
 class Worker:
-    """The supervisor's handle on one worker process: one credential profile (user,
-    privileged) in one container. The DEFAULT profile's worker is the container's
-    worker of the state machine below; other profiles' come and go on demand.
-
-    The worker lives inside its container, which can stop, trace or flood it: every
+    """The worker lives inside its container, which can stop, trace or flood it: every
     message to it goes through a non-blocking outbox bounded in bytes, and the handle
     keeps a pidfd (the joiner's, then the worker's) to kill it when it is late."""
 
-    def __init__(self, key: tuple[str, bool]) -> None:
-        self.key = key
+    def __init__(self, name: str, profile: Profile, emit: Emit) -> None:
+        self.profile = profile
+        labels = {} if profile == DEFAULT else {"user": profile[0], "privileged": profile[1]}
+        self.life = Lifecycle(name, emit, **labels)
         self.sock: socket.socket | None = None
         self.pid: int | None = None  # host pid: the joiner's, then the worker's
         self.pidfd = -1
         self.outbox: Outbox | None = None
-        self.waiting: list[Exec] = []  # until the worker is ready
-        self.inflight: dict[int, Exec] = {}
+        self.fork_tag = 0  # of the zygote's fork being waited for
+        self.fork_at = 0.0  # when it was asked for
+        self.timers: list[Timer] = []  # its start deadline or restart, cancelled when moot
+        self.waiting: list[Exec] = []  # until it is READY
+        self.inflight: dict[int, Exec] = {}  # exec id -> exec sent to it
         self.last_used = time.monotonic()
-        self.ready = False
-        self.error = ""  # why it failed to set up, if it said
+        self.error = ""  # why it failed to set up, if its joiner said
         self.error_code = ""
         self.exit_seq = 0  # the last exit it reported (its zombie waits for our ack)
         self.acked = 0
         self.ack_pending = False
 
+    @property
+    def state(self) -> State:
+        return self.life.state
+
+    @property
+    def ready(self) -> bool:
+        return self.life.state == State.READY
+
     def attach(self, sock: socket.socket, pid: int, pidfd: int) -> None:
+        """A new process behind the handle: the joiner the zygote forked."""
         self.sock, self.outbox = sock, Outbox(sock)
         self.set_process(pid, pidfd)
+        self.error = self.error_code = ""
+        self.exit_seq = self.acked = 0
+        self.ack_pending = False
 
     def set_process(self, pid: int, pidfd: int) -> None:
         if self.pidfd >= 0:
             os.close(self.pidfd)
         self.pid, self.pidfd = pid, pidfd
+
+    def send(self, msg: dict, fds: list[int] = ()) -> bool:
+        """Queue msg for the worker without blocking (taking ownership of fds); True if
+        anything is left waiting for the socket to turn writable. OSError: it is gone."""
+        if self.outbox is None:
+            for fd in fds:
+                os.close(fd)
+            raise BrokenPipeError(32, "the worker is gone")
+        return self.outbox.send(msg, fds)
 
     def kill(self) -> None:
         """SIGKILL the process behind the handle (the kernel says no once it is gone)."""
@@ -100,6 +99,14 @@ class Worker:
         """The process's state in /proc (R, S, D, T, ...), "" if it is gone."""
         fields = stat_fields(self.pid)
         return fields[0].decode() if fields else ""
+
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+
+    def idle_since(self, since: float) -> bool:
+        return not self.inflight and not self.waiting and self.last_used < since
 
     def close(self) -> None:
         if self.outbox is not None:
@@ -157,20 +164,17 @@ class Outbox:
         self.bytes = 0
 
 
-class Runtime:
-    def __init__(self, info: Container, init_pidfd: int, emit: Callable[..., None]) -> None:
+class Served:
+    """A container being served, from discovery (or attach) until it goes."""
+
+    def __init__(self, info: Container, init_pidfd: int, emit: Emit) -> None:
         self.info = info
         self.init_pidfd = init_pidfd
-        self.emit = emit
-        self.state = State.STARTING
-        self.since = time.monotonic()
-        self.failures = 0
+        self.own = Worker(info.id, DEFAULT, emit)  # its own worker, restarted when it dies
+        self.workers: dict[Profile, Worker] = {DEFAULT: self.own}  # the others come and go
+        self.started = time.monotonic()
         self.restarts = 0
-        self.last_error = ""
-        self.hopeless = False  # the worker lacked privileges: FATAL at once
-        self.retry_at = 0.0
-        self.workers: dict[tuple[str, bool], Worker] = {}
-        self.waiting: list[Exec] = []  # until the worker is ready
+        self.hopeless = False  # its own worker lacked privileges: FATAL at once
         self.oom_seen = oom_kills(info)
         self.freezer_fds = _freezer_fds(info)
         self.pid_ns = pid_ns(info.init_pid)  # where its commands must be
@@ -179,22 +183,25 @@ class Runtime:
     def name(self) -> str:
         return self.info.id
 
-    def transition(self, new: State, reason: str = "") -> None:
-        if new not in TRANSITIONS[self.state]:
-            raise RuntimeError(f"worker {self.name}: illegal transition {self.state.name} -> {new.name}")
-        now = time.monotonic()
-        if new == State.BACKOFF and self.state == State.READY and now - self.since >= STABLE_AFTER:
-            self.failures = 0  # it had served a while: this is a new run of failures
-        old, self.state, self.since = self.state, new, now
-        if new == State.BACKOFF:
-            self.failures += 1
-            self.last_error = reason or self.last_error
-            self.retry_at = self.since + min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (self.failures - 1))
-        self.emit("worker.state", container=self.name, old=old.name, new=new.name, reason=reason)
+    @property
+    def state(self) -> State:
+        """Its own worker's state: what `warmexec ls` and the metrics show."""
+        return self.own.state
 
-    def worker_pid(self) -> int | None:
-        sp = self.workers.get(DEFAULT)
-        return sp.pid if sp is not None else None
+    def dying(self) -> bool:
+        """True once the container's init has exited or is exiting.
+
+        A pid namespace's init is killed first but its pidfd turns readable only after
+        every other process in the namespace (our commands among them) has been reaped:
+        so a worker's death, or its command's, is seen first, and init's PF_EXITING flag
+        tells the two apart.
+        """
+        p = select.poll()
+        p.register(self.init_pidfd, select.POLLIN)
+        if p.poll(0):
+            return True
+        fields = stat_fields(self.info.init_pid)
+        return len(fields) < 7 or fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
 
     def paused(self) -> bool:
         """Frozen by `runc pause` (v1 freezer.state or v2 cgroup.events)? An exec would
@@ -205,13 +212,13 @@ class Runtime:
                 return True
         return False
 
-    def inflight(self) -> int:
-        return len(self.waiting) + sum(len(s.waiting) + len(s.inflight) for s in self.workers.values())
+    def open_execs(self) -> int:
+        """Execs received for it and not yet answered."""
+        return sum(len(w.waiting) + len(w.inflight) for w in self.workers.values())
 
     def close(self) -> None:
-        for sp in self.workers.values():
-            sp.close()
-        self.workers.clear()
+        for worker in self.workers.values():
+            worker.close()
         if self.init_pidfd >= 0:
             os.close(self.init_pidfd)
             self.init_pidfd = -1
@@ -221,9 +228,11 @@ class Runtime:
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.name, "pid": self.info.init_pid, "source": self.info.source,
-                "state": self.state.name, "worker_pid": self.worker_pid(),
-                "workers": len(self.workers), "inflight": self.inflight(),
-                "restarts": self.restarts, "last_error": self.last_error or None}
+                "state": self.state.name, "worker_pid": self.own.pid if self.own.sock else None,
+                "workers": sum(1 for w in self.workers.values()
+                               if w.state in (State.STARTING, State.JOINING, State.READY)),
+                "inflight": self.open_execs(), "restarts": self.restarts,
+                "last_error": self.own.life.last_error or None}
 
 
 def _freezer_fds(info: Container) -> list[int]:
@@ -250,4 +259,3 @@ def oom_kills(info: Container) -> int:
             except OSError:
                 continue
     return 0
-
