@@ -5,6 +5,7 @@ from __future__ import annotations
 BAD_REQUEST = "BAD_REQUEST"  # malformed frame, wrong field type, unknown op
 UNSUPPORTED_VERSION = "UNSUPPORTED_VERSION"
 NO_SUCH_CONTAINER = "NO_SUCH_CONTAINER"
+AMBIGUOUS = "AMBIGUOUS"  # a container id prefix that several containers share
 NO_SUCH_USER = "NO_SUCH_USER"  # user or group name not in the container's /etc files
 NOT_FOUND = "NOT_FOUND"  # executable not found (exit code 127)
 PERMISSION = "PERMISSION"  # executable not executable (exit code 126)

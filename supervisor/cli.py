@@ -1,8 +1,11 @@
 """The ``warmexec`` command: ``serve`` runs the supervisor; the rest are clients.
 
 Client commands take ``--endpoint`` (or WARMEXEC_ENDPOINT). ``exec`` passes the
-command's output through and exits with its exit code; warmexec's own errors exit 125
-with the message on stderr, as docker's do.
+command's output through and exits with its exit code, as ``docker exec`` does: a
+command that cannot be invoked (an unknown user, a working directory it cannot enter,
+a spawn the container's limits refuse) exits 126 with the reason alone on stderr, as
+docker's does; a missing executable is 127 (the command's own reply); every other
+error is warmexec's own and exits 125 with its code and message.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ import json
 import os
 import sys
 
+from ..protocol import errors
 from ..protocol.client import DEFAULT_ENDPOINT, Client, default_endpoint, too_large
 from ..protocol.codec import MAX_MESSAGE
 from ..protocol.errors import BAD_REQUEST, WarmexecError
 
 OWN_ERROR = 125
+CANNOT_INVOKE = 126
+#: Errors that say the command could not be started as asked, not that warmexec failed.
+INVOKE_ERRORS = frozenset((errors.NO_SUCH_USER, errors.BAD_CWD, errors.PERMISSION, errors.SPAWN_FAILED))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except WarmexecError as exc:
+        if exc.code in INVOKE_ERRORS:
+            print(exc.message, file=sys.stderr)
+            return CANNOT_INVOKE
         print(f"warmexec: {exc.code}: {exc.message}", file=sys.stderr)
         return OWN_ERROR
     except KeyboardInterrupt:
@@ -52,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sees changes at once)")
     s.add_argument("--events", metavar="ENDPOINT",
                    help="publish the event stream here (e.g. ipc:///run/warmexec/events.sock)")
+    s.add_argument("--docker-host", metavar="URL", default=None,
+                   help="the Docker engine whose container names to serve (default "
+                        "unix:///var/run/docker.sock; '' for none)")
     s.add_argument("--insecure-tcp", action="store_true",
                    help="serve a tcp:// endpoint without CurveZMQ authentication")
     s.add_argument("--log-level", default="INFO")
@@ -185,10 +198,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    fmt = "{:<24} {:>8} {:<9} {:>10} {:>8} {:>8}"
-    print(fmt.format("CONTAINER", "PID", "WORKER", "WORKER_PID", "INFLIGHT", "RESTARTS"))
+    fmt = "{:<12}  {:<24} {:<14} {:<20} {:<28} {:<9} {:>8} {:>8}"
+    print(fmt.format("CONTAINER ID", "NAME", "ENGINE", "IMAGE", "POD", "WORKER", "INFLIGHT", "RESTARTS"))
     for r in rows:
-        print(fmt.format(r["id"], r["pid"], r["state"], r["worker_pid"] or "-", r["inflight"], r["restarts"]))
+        kind = f"{r['engine']}:{r['containerd_namespace']}" if r.get("containerd_namespace") else r["engine"]
+        pod = f"{r['namespace']}/{r['pod']}" if r.get("pod") else "-"
+        short = r["id"][:12] if len(r["id"]) == 64 else r["id"]  # docker's short form of its ids
+        print(fmt.format(short, r.get("name") or "-", kind, r.get("image") or "-", pod, r["state"],
+                         r["inflight"], r["restarts"]))
     return 0
 
 

@@ -8,6 +8,7 @@
     container_label = true
     scan_interval = 2.0
     events = "ipc:///run/warmexec/events.sock"
+    docker_host = "unix:///var/run/docker.sock"   # "" to read no Docker names
 
     [limits]
     max_inflight = 1024
@@ -52,6 +53,7 @@ class Config:
     acl: dict[str, dict] = field(default_factory=dict)  # per client key: what it may do
     insecure_tcp: bool = False  # serve tcp:// without CurveZMQ
     events: str | None = None  # the event stream's PUB endpoint
+    docker_host: str = "unix:///var/run/docker.sock"  # Docker's names from its API ("": none)
 
     def with_flags(self, **flags: Any) -> Config:
         """This config with the flags that were given (None: not given) in its place."""
@@ -82,4 +84,5 @@ def load_config(path: str | None) -> Config:
         metrics_addr=cfg.get("metrics_addr"), container_label=cfg.get("container_label"),
         scan_interval=cfg.get("scan_interval"), max_inflight=limits.get("max_inflight"),
         max_inflight_per_container=limits.get("max_inflight_per_container"), hooks=hooks,
-        auth=cfg.get("auth") or None, acl=cfg.get("acl"), events=cfg.get("events"))
+        auth=cfg.get("auth") or None, acl=cfg.get("acl"), events=cfg.get("events"),
+        docker_host=cfg.get("docker_host"))

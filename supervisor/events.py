@@ -18,18 +18,18 @@ A slow subscriber is never waited for: past the high-water mark, events are drop
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import zmq
 
 from ..protocol import codec
 from .endpoints import bind
+from .metrics import Metrics
 
 HWM = 10000
 
 
 class Events:
-    def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Any = None,
+    def __init__(self, ctx: zmq.Context, endpoint: str, metrics: Metrics | None = None,
                  insecure_tcp: bool = False) -> None:
         if endpoint.startswith("tcp://") and not insecure_tcp:
             raise SystemExit("warmexec: the event stream carries every exec's argv: serve it on "

@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import (
@@ -34,6 +34,10 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from ..protocol.errors import ALL
 from .lifecycle import State
+
+if TYPE_CHECKING:
+    from .execs import Exec
+    from .handles import Served
 
 log = logging.getLogger("warmexec")
 
@@ -88,7 +92,7 @@ class Metrics:
                                      ("kind", "reason"), registry=r)
         self.events_dropped = Counter("warmexec_events_dropped",
                                       "Events not published: a subscriber was too slow", registry=r)
-        self._table: Callable[[], Iterable[Any]] = lambda: ()
+        self._table: Callable[[], Iterable[Served]] = lambda: ()
         r.register(_LiveCollector(self))
         ProcessCollector(registry=r)  # the supervisor's own CPU, memory, fds
         PlatformCollector(registry=r)
@@ -101,7 +105,7 @@ class Metrics:
             for reason in HOOK_FAILURES:
                 self.hook_failures.labels(kind, reason)
 
-    def watch(self, table: Callable[[], Iterable[Any]]) -> None:
+    def watch(self, table: Callable[[], Iterable[Served]]) -> None:
         """Give the scrape-time gauges the container table (a callable returning runtimes)."""
         self._table = table
 
@@ -121,7 +125,7 @@ class Metrics:
     def spawned(self, container: str, seconds: float) -> None:
         self._of(container)[0].observe(seconds)
 
-    def finished(self, ex: Any, reply: dict) -> None:
+    def finished(self, ex: Exec, reply: dict) -> None:
         container = ex.req.container
         if not reply.get("ok"):
             self.errors.labels(reply["error"]["code"]).inc()
@@ -244,7 +248,7 @@ class MetricsServer:
     and responses.
     """
 
-    def __init__(self, registry: Any, host: str, port: int) -> None:
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self.registry = registry
         self.loop = asyncio.new_event_loop()
         # Open connections, oldest first -> True while it has not sent its request.
@@ -328,6 +332,7 @@ def _http(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
     return "\r\n".join(lines).encode("latin-1") + body
 
 
-def start_http_server(port: int, addr: str = "127.0.0.1", registry: Any = REGISTRY) -> MetricsServer:
+def start_http_server(port: int, addr: str = "127.0.0.1",
+                      registry: CollectorRegistry = REGISTRY) -> MetricsServer:
     """prometheus_client.start_http_server's signature, served by MetricsServer."""
     return MetricsServer(registry, addr, port)

@@ -25,6 +25,7 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
     cfg = cfg.with_flags(endpoint=args.endpoint, runc_roots=tuple(args.roots) if args.roots else None,
                          metrics_addr=args.metrics_addr, scan_interval=args.scan_interval,
                          events=args.events, insecure_tcp=args.insecure_tcp or None,
+                         docker_host=args.docker_host,
                          container_label=False if args.no_container_label else None)
     metrics = Metrics(container_label=cfg.container_label)
     sup = Supervisor(cfg, metrics)

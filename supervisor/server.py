@@ -28,6 +28,7 @@ from .execpath import ExecPath
 from .hooks import Hooks, load_python_hooks
 from .loop import Loop, Timer
 from .metrics import Metrics
+from .names import DockerNames
 from .replies import DROPPED, FLUSH_INTERVAL, SENT, SWEEP_INTERVAL, ReplyBudget
 from .workers import WorkerTable
 
@@ -84,6 +85,9 @@ class Supervisor:
         self.table.execs = self.execs
         if self.events is not None:
             self.loop.add(self.events.fd(), self.events.drain_subscriptions)
+        self.docker_names = DockerNames(cfg.docker_host) if cfg.docker_host else None
+        if self.docker_names is not None:
+            self.loop.add(self.docker_names.fd, self._on_docker_names)
         if metrics is not None:
             metrics.watch(lambda: list(self.table.containers.values()))
         self.loop.add(self.router.getsockopt(zmq.FD), self._on_router)
@@ -149,6 +153,11 @@ class Supervisor:
             except OSError:
                 pass
 
+    def _on_docker_names(self, _mask: int) -> None:
+        containers = self.docker_names.drain()
+        if containers is not None:
+            self.table.names.set_docker(containers)
+
     # ---- discovery -------------------------------------------------------------
     def rescan(self) -> None:
         """List every root; watch what is new; add and drop containers."""
@@ -213,6 +222,7 @@ class Supervisor:
                 rules.check_admin(op)
             if op == "exec":
                 exec_req = messages.parse_exec(req)
+                exec_req.container = self.table.canonical(exec_req.container)  # access is by id
                 rules.check_exec(exec_req)
                 self.execs.submit(envelope, req_id, exec_req)
             elif op == "ping":

@@ -28,6 +28,7 @@ from .handles import DEFAULT, Profile, Served, Worker, oom_kills
 from .lifecycle import Emit, State
 from .loop import Loop
 from .metrics import Metrics
+from .names import Names, engine, image
 from .zygote import Forked, Zygote
 
 log = logging.getLogger("warmexec")
@@ -65,11 +66,20 @@ class WorkerTable:
         self.containers: dict[str, Served] = {}
         self.forks: dict[int, tuple[Served, Worker]] = {}  # zygote tag -> what it forks
         self.skipped: dict[str, float] = {}  # state file -> mtime seen unusable
+        self.names = Names()
         self.zygote = Zygote(loop, self.on_forked)
         self.loop.call_at(time.monotonic() + WORKER_IDLE, self.sweep_idle)
 
-    def get(self, name: str) -> Served | None:
-        return self.containers.get(name)
+    def get(self, cid: str) -> Served | None:
+        return self.containers.get(cid)
+
+    def canonical(self, ref: str) -> str:
+        """The id of the served container ref names (its id, a name, or a unique id
+        prefix: see names.py); ref itself if it names none. AMBIGUOUS if a prefix of
+        several."""
+        if ref in self.containers:
+            return ref  # the common case, on every exec
+        return self.names.resolve(ref, self.containers) or ref
 
     # ---- containers --------------------------------------------------------------
     def sync_discovered(self, seen: dict[str, tuple[str, str]]) -> None:
@@ -102,6 +112,7 @@ class WorkerTable:
             c.close()
             raise discovery.DiscoveryError(f"{info.id}: init pid {info.init_pid} has exited")
         self.containers[info.id] = c
+        self.names.add(info)
         self.loop.add(c.init_pidfd, lambda _m: self.remove(c, "container exited"))
         pod, namespace = info.kubernetes()
         self.emit("container.added", container=info.id, pid=info.init_pid, source=info.source,
@@ -127,6 +138,7 @@ class WorkerTable:
         if self.containers.get(c.name) is not c:
             return
         del self.containers[c.name]
+        self.names.remove(c.name)
         if c.dying():
             code, message = errors.CONTAINER_EXITED, f"container {c.name} exited ({reason})"
         else:  # its state went (moved, deleted) or it was detached, but it still runs
@@ -138,7 +150,14 @@ class WorkerTable:
         self.emit("container.removed", container=c.name, reason=reason)
 
     def describe(self) -> list[dict]:
-        return [c.describe() for c in self.containers.values()]
+        rows = []
+        for c in self.containers.values():
+            kind, ns = engine(c.info)
+            pod, pod_ns = c.info.kubernetes()
+            rows.append({**c.describe(), "name": self.names.name(c.name), "engine": kind,
+                         "containerd_namespace": ns, "image": image(c.info, self.names.docker.get(c.name)),
+                         "pod": pod, "namespace": pod_ns})
+        return rows
 
     # ---- starting workers ---------------------------------------------------------
     def start_worker(self, c: Served, profile: Profile) -> Worker:
@@ -269,9 +288,14 @@ class WorkerTable:
         if oom:  # the worker is charged to the container: its memory limit can take it
             reason = f"{reason}; the container's OOM killer killed a process (memory limit)"
         c.oom_seen = count
+        # What its joiner said (an unknown user, say) is the whole answer; a loss names
+        # the container.
+        code, message = w.error_code, reason
+        if not code:
+            code, message = errors.WORKER_LOST, f"{c.name}: {reason}"
         if w is not c.own:
-            return self.drop(c, w, w.error_code or errors.WORKER_LOST, f"{c.name}: {reason}", reason)
-        self._let_go(c, w, w.error_code or errors.WORKER_LOST, f"{c.name}: {reason}")
+            return self.drop(c, w, code, message, reason)
+        self._let_go(c, w, code, message)
         w.life.transition(State.BACKOFF, reason)
         c.restarts += 1  # deaths of its own worker: restarted, or given up on just below
         if self.metrics is not None:

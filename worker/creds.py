@@ -76,7 +76,13 @@ def exec_user(process: dict, spec: str | None) -> ExecUser:
     passwd, group = _read("/etc/passwd"), _read("/etc/group")
     try:
         if spec:
-            return resolve(spec, passwd, group)
+            # Docker's rule since CVE-2022-36109 (containerd's since CVE-2023-25173):
+            # the primary group leads the supplementary ones, so a process that changes
+            # its effective gid (a setgid program) still holds it, and stays subject to
+            # denials made by its group's permissions.
+            user = resolve(spec, passwd, group)
+            user.groups = [user.gid, *user.groups]
+            return user
         # No user in the request: the container's own process user, as runc exec does.
         base = process["user"]
         user = resolve(f"{base['uid']}:{base['gid']}", passwd, group)

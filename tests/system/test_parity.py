@@ -48,22 +48,25 @@ def test_default_process(box, client, container):
 
 
 def test_named_user_gets_docker_groups(box, client, container):
+    """Docker's groups: the primary group first, then those that list the user."""
     ref, got = both(box, client, container,
-                    runc_kw={"user": "1000:1000", "additional_gids": [10, 29]},
+                    runc_kw={"user": "1000:1000", "additional_gids": [1000, 10, 29]},
                     we_kw={"user": "alice"})
-    assert "uid=1000(alice) gid=1000(alice) groups=10(wheel),29(audio)" in got
+    assert "uid=1000(alice) gid=1000(alice) groups=10(wheel),29(audio),1000(alice)" in got  # sorted by the kernel
     assert "HOME=/home/alice" in got
     assert got == ref
 
 
 def test_numeric_user_and_named_group(box, client, container):
-    ref, got = both(box, client, container, runc_kw={"user": "1001:29"}, we_kw={"user": "bob:audio"})
-    assert "uid=1001(bob) gid=29(audio)" in got
+    ref, got = both(box, client, container, runc_kw={"user": "1001:29", "additional_gids": [29]},
+                    we_kw={"user": "bob:audio"})
+    assert "uid=1001(bob) gid=29(audio) groups=29(audio)" in got
     assert got == ref
 
 
 def test_unknown_uid_is_taken_as_is(box, client, container):
-    ref, got = both(box, client, container, runc_kw={"user": "4242:4242"}, we_kw={"user": "4242:4242"})
+    ref, got = both(box, client, container, runc_kw={"user": "4242:4242", "additional_gids": [4242]},
+                    we_kw={"user": "4242:4242"})
     assert "HOME=/" in got
     assert got == ref
 

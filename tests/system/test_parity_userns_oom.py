@@ -29,7 +29,8 @@ def userns_container(box, client):
     ("1001:1001", "bob"),
 ])
 def test_user_namespace_matches_runc(box, client, userns_container, runc_user, we_user):
-    kw = {"user": runc_user, "additional_gids": [29] if we_user == "bob" else []}
+    # docker's groups for a request's user: the primary gid first, then those listing it
+    kw = {"user": runc_user, "additional_gids": {None: [], "bob": [1001, 29]}.get(we_user, [1000])}
     ref = box.exec(userns_container, ["sh", "-c", USERNS_PROBE], **kw)
     assert ref.returncode == 0, ref.stderr
     got = client.exec(userns_container, ["sh", "-c", USERNS_PROBE], user=we_user)

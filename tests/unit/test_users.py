@@ -384,7 +384,8 @@ def test_exec_user_refuses_ids_out_of_range_and_unreadable_files(monkeypatch):
     monkeypatch.setattr(creds, "_read", lambda path: files[path])
     process = {"user": {"uid": 0, "gid": 0, "additional_gids": [10]}}
     assert creds.exec_user(process, None) == ExecUser(0, 0, [10], "/root")
-    assert creds.exec_user(process, "alice").groups == [10, 29]
+    assert creds.exec_user(process, "alice").groups == [1000, 10, 29]  # docker's: primary first
+    assert creds.exec_user(process, "alice:audio").groups == [29]
     with pytest.raises(creds.Refused, match="must be in range 0-2147483647"):
         creds.exec_user(process, "svc")
     with pytest.raises(creds.Refused, match="must be in range"):

@@ -1,0 +1,70 @@
+"""Names users know containers by: Docker names, containerd and Kubernetes aliases, id prefixes."""
+
+from __future__ import annotations
+
+import pytest
+
+from warmexec.protocol import errors
+from warmexec.protocol.errors import WarmexecError
+from warmexec.supervisor.discovery import Container
+from warmexec.supervisor.names import DockerInfo, Names, _listed, aliases, engine, image
+
+CRI = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.container-name": "app",
+       "io.kubernetes.cri.sandbox-name": "web-0", "io.kubernetes.cri.sandbox-namespace": "shop",
+       "io.kubernetes.cri.image-name": "docker.io/library/busybox:latest"}
+
+
+def info(cid: str, source: str, labels: dict | None = None) -> Container:
+    return Container(id=cid, init_pid=1, init_start=None, namespaces=[], cgroup_procs=[], process={},
+                     source=source, labels=labels or {})
+
+
+@pytest.mark.parametrize("source,labels,expected", [
+    ("/run/docker/runtime-runc/moby", None, ("docker", None)),
+    ("/tmp/x/exec-root/runtime-runc/moby/", None, ("docker", None)),
+    ("/run/containerd/runc/default", None, ("containerd", "default")),
+    ("/run/containerd/runc/k8s.io", CRI, ("cri", "k8s.io")),
+    ("/run/crun", None, ("crun", None)),
+    ("/run/runc", None, ("runc", None)),
+    ("attach", None, ("attached", None)),
+])
+def test_engine_from_the_state_root(source, labels, expected):
+    assert engine(info("c", source, labels)) == expected
+
+
+def test_aliases_of_containerd_and_kubernetes_containers():
+    assert aliases(info("abc", "/run/containerd/runc/default")) == ["default/abc"]
+    assert aliases(info("abc", "/run/containerd/runc/k8s.io", CRI)) == ["k8s.io/abc", "shop/web-0/app"]
+    assert aliases(info("abc", "/run/runc")) == []
+    assert image(info("abc", "/run/containerd/runc/k8s.io", CRI), None) == "docker.io/library/busybox:latest"
+
+
+def test_resolve_by_id_name_alias_and_unique_prefix():
+    names = Names()
+    ids = ["4f1c2a" + "0" * 58, "4f9b00" + "1" * 58, "e3d2" + "2" * 60]
+    names.set_docker({ids[0]: DockerInfo("web", "busybox"), ids[1]: DockerInfo("db", "busybox")})
+    names.add(info(ids[2], "/run/containerd/runc/k8s.io", CRI))
+    assert names.resolve("web", ids) == ids[0] and names.resolve("/db", ids) == ids[1]
+    assert names.resolve("shop/web-0/app", ids) == ids[2] and names.resolve(f"k8s.io/{ids[2]}", ids) == ids[2]
+    assert names.resolve("4f1c", ids) == ids[0] and names.resolve("e", ids) == ids[2]
+    assert names.resolve("nope", ids) is None
+    with pytest.raises(WarmexecError) as e:
+        names.resolve("4f", ids)
+    assert e.value.code == errors.AMBIGUOUS and ids[0] in e.value.message and ids[1] in e.value.message
+    assert names.name(ids[0]) == "web" and names.name(ids[2]) == "shop/web-0/app"
+
+
+def test_names_follow_renames_and_removals():
+    names = Names()
+    cid = "a" * 64
+    names.set_docker({cid: DockerInfo("old", "busybox")})
+    names.set_docker({cid: DockerInfo("new", "busybox")})  # the list after a rename event
+    assert names.resolve("new", [cid]) == cid and names.resolve("old", []) is None
+    names.add(info("b" * 64, "/run/containerd/runc/default"))
+    names.remove("b" * 64)
+    assert names.resolve("default/" + "b" * 64, []) is None
+
+
+def test_the_engine_list_is_read_as_docker_gives_it():
+    rows = [{"Id": "a" * 64, "Names": ["/web"], "Image": "busybox"}, {"Id": "b" * 64, "Names": []}]
+    assert _listed(rows) == {"a" * 64: DockerInfo("web", "busybox")}
