@@ -2,8 +2,11 @@
 # Install what warmexec needs on a Debian machine, as root: runc and a static busybox
 # (the tests' and demo's container rootfs), Prometheus (its promtool and server check the
 # alert rules and the dashboard's queries), gcc and libc6-dev (the hostile-container
-# tests build their attacker's tools), and a virtualenv (.venv) holding the project
-# with its test and bench extras. Idempotent: a second run installs nothing new.
+# tests build their attacker's tools), Debian's docker.io (dockerd 20.10 with its containerd
+# 1.6 and ctr: the Docker parity tests start a private daemon of their own, never the
+# host's; on a systemd host the package also enables its own docker.service), and a
+# virtualenv (.venv) holding the project with its test and bench extras. Idempotent: a
+# second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,6 +20,7 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # the rules and real-
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)                # the hostile-container tests
 dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)       # static attacker tools
+dpkg -s docker.io >/dev/null 2>&1 || need+=(docker.io)       # the Docker parity tests
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}"
     apt-get update -qq

@@ -34,6 +34,31 @@ nogroup:x:65534:
 """
 
 
+def make_rootfs(path: str, passwd: str = PASSWD, group: str = GROUP) -> str:
+    """A busybox-static rootfs at path (kept if already there): every applet, the given
+    passwd and group, a non-executable /bin/notexec, a root-only /secret."""
+    if os.path.isdir(path):
+        return path
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "root", "home/alice", "home/bob", "secret"):
+        os.makedirs(os.path.join(path, d), exist_ok=True)
+    shutil.copy2(BUSYBOX, os.path.join(path, "bin/busybox"))
+    listing = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True)
+    applets = listing.stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            os.symlink("busybox", os.path.join(path, "bin", applet))
+    for name, text in (("passwd", passwd), ("group", group), ("hostname", "box\n")):
+        with open(os.path.join(path, "etc", name), "w") as f:
+            f.write(text)
+    with open(os.path.join(path, "bin/notexec"), "w") as f:
+        f.write("#!/bin/sh\necho never\n")
+    os.chmod(os.path.join(path, "bin/notexec"), 0o644)
+    os.chown(os.path.join(path, "home/alice"), 1000, 1000)
+    os.chmod(os.path.join(path, "secret"), 0o700)
+    os.chmod(os.path.join(path, "tmp"), 0o1777)
+    return path
+
+
 def _runc_spec() -> dict:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(["runc", "spec"], cwd=d, check=True)
@@ -49,31 +74,9 @@ class RuncBox:
         self.root = os.path.join(self.dir, "state")
         os.makedirs(self.root, exist_ok=True)
         self._spec = _runc_spec()
-        self._rootfs = self._make_rootfs(os.path.join(self.dir, "rootfs-template"))
+        self._rootfs = make_rootfs(os.path.join(self.dir, "rootfs-template"))
         self.prefix = f"we{os.getpid()}-"
         self.ids: list[str] = []
-
-    def _make_rootfs(self, path: str) -> str:
-        if os.path.isdir(path):
-            return path
-        for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "root", "home/alice", "home/bob", "secret"):
-            os.makedirs(os.path.join(path, d), exist_ok=True)
-        shutil.copy2(BUSYBOX, os.path.join(path, "bin/busybox"))
-        listing = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True)
-        applets = listing.stdout.split()
-        for applet in applets:
-            if applet != "busybox":
-                os.symlink("busybox", os.path.join(path, "bin", applet))
-        for name, text in (("passwd", PASSWD), ("group", GROUP), ("hostname", "box\n")):
-            with open(os.path.join(path, "etc", name), "w") as f:
-                f.write(text)
-        with open(os.path.join(path, "bin/notexec"), "w") as f:
-            f.write("#!/bin/sh\necho never\n")
-        os.chmod(os.path.join(path, "bin/notexec"), 0o644)
-        os.chown(os.path.join(path, "home/alice"), 1000, 1000)
-        os.chmod(os.path.join(path, "secret"), 0o700)
-        os.chmod(os.path.join(path, "tmp"), 0o1777)
-        return path
 
     def config(self, **process: object) -> dict:
         """runc's default spec with a long-running busybox init; process keys override."""
