@@ -24,7 +24,7 @@ def spawn_failure(err: int, stage: str, argv0: str, cwd: str | None) -> tuple[st
 
     Docker's convention: executable not found is 127, found but not executable 126.
     """
-    reason = os.strerror(err) if err else "unknown error"
+    reason = _go_error(err) if err else "unknown error"
     if stage == "lookup":
         return errors.NOT_FOUND, f'exec: "{argv0}": executable file not found in $PATH', 127
     if stage == "cwd":
@@ -37,3 +37,9 @@ def spawn_failure(err: int, stage: str, argv0: str, cwd: str | None) -> tuple[st
     if err in (errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.EPERM):
         return errors.PERMISSION, f'exec: "{argv0}": {reason}', 126
     return errors.SPAWN_FAILED, f'exec: "{argv0}": {reason}', None
+
+
+def _go_error(err: int) -> str:
+    """An errno as Go spells it (runc's and docker's messages): strerror, lower case."""
+    text = os.strerror(err)
+    return text[:1].lower() + text[1:]
