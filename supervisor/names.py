@@ -83,7 +83,7 @@ class Names:
     def __init__(self) -> None:
         self.docker: dict[str, DockerInfo] = {}  # id -> what the Engine API says
         self._by_docker_name: dict[str, str] = {}
-        self._aliases: dict[str, str] = {}  # alias -> id
+        self._aliases: dict[str, set[str]] = {}  # alias -> the ids that claim it
         self._of: dict[str, list[str]] = {}  # id -> its aliases
 
     def set_docker(self, containers: dict[str, DockerInfo]) -> None:
@@ -93,12 +93,14 @@ class Names:
     def add(self, info: Container) -> None:
         self._of[info.id] = aliases(info)
         for alias in self._of[info.id]:
-            self._aliases[alias] = info.id
+            self._aliases.setdefault(alias, set()).add(info.id)
 
     def remove(self, cid: str) -> None:
         for alias in self._of.pop(cid, []):
-            if self._aliases.get(alias) == cid:
-                del self._aliases[alias]
+            claims = self._aliases.get(alias, set())
+            claims.discard(cid)
+            if not claims:
+                self._aliases.pop(alias, None)
 
     def name(self, cid: str) -> str | None:
         """What `ls` shows as its name."""
@@ -111,9 +113,15 @@ class Names:
     def resolve(self, ref: str, ids: Iterable[str]) -> str | None:
         """The id ref names (a name, an alias, or a unique prefix of one of ids), None
         if it names none; WarmexecError if it is a prefix of several."""
-        cid = self._by_docker_name.get(ref[1:] if ref.startswith("/") else ref) or self._aliases.get(ref)
+        cid = self._by_docker_name.get(ref[1:] if ref.startswith("/") else ref)
         if cid is not None:
             return cid
+        claims = self._aliases.get(ref)
+        if claims:  # annotations come with a container's spec: two may claim one name
+            if len(claims) > 1:
+                raise WarmexecError(errors.AMBIGUOUS, f"{len(claims)} containers are named {ref}: "
+                                                      f"{', '.join(sorted(claims)[:MAX_MATCHES_SHOWN])}")
+            return next(iter(claims))
         matches = [i for i in ids if i.startswith(ref)]
         if len(matches) > 1:
             shown = ", ".join(sorted(matches)[:MAX_MATCHES_SHOWN])

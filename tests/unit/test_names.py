@@ -68,3 +68,16 @@ def test_names_follow_renames_and_removals():
 def test_the_engine_list_is_read_as_docker_gives_it():
     rows = [{"Id": "a" * 64, "Names": ["/web"], "Image": "busybox"}, {"Id": "b" * 64, "Names": []}]
     assert _listed(rows) == {"a" * 64: DockerInfo("web", "busybox")}
+
+
+def test_an_alias_two_containers_claim_names_neither():
+    """Annotations come with a container's spec: a pod cannot take another's name."""
+    names = Names()
+    one, two = "a" * 64, "b" * 64
+    names.add(info(one, "/run/containerd/runc/k8s.io", CRI))
+    names.add(info(two, "/run/containerd/runc/k8s.io", CRI))
+    with pytest.raises(WarmexecError) as e:
+        names.resolve("shop/web-0/app", [one, two])
+    assert e.value.code == errors.AMBIGUOUS and one in e.value.message and two in e.value.message
+    names.remove(two)
+    assert names.resolve("shop/web-0/app", [one]) == one
