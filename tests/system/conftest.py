@@ -50,7 +50,7 @@ with open(os.path.join(sys.argv[2], name), "w") as f:
 """
 
 
-def _stop(sup: Supervisor) -> None:
+def stop_cleanly(sup: SupervisorProcess) -> None:
     assert sup.stop() == 0
     assert "internal error" not in sup.read_log(), "the supervisor logged an internal error"
 
@@ -67,14 +67,13 @@ def supervisor(box, tmp_path_factory):
     """The default path: no hooks, no event stream."""
     sup = Supervisor(box, str(tmp_path_factory.mktemp("sup")))
     yield sup
-    _stop(sup)
+    stop_cleanly(sup)
 
 
 @pytest.fixture(scope="session")
 def client(supervisor):
-    c = Client(supervisor.endpoint)
-    yield c
-    c.close()
+    with Client(supervisor.endpoint) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")
@@ -99,14 +98,13 @@ def hooked_supervisor(box, tmp_path_factory):
            f'[[hooks.exit]]\ncommand = ["{sys.executable}", "{hook}", "exit", "{hooks_dir}"]\n')
     sup = Supervisor(box, workdir, cfg)
     yield sup
-    _stop(sup)
+    stop_cleanly(sup)
 
 
 @pytest.fixture(scope="session")
 def hooked_client(hooked_supervisor):
-    c = Client(hooked_supervisor.endpoint)
-    yield c
-    c.close()
+    with Client(hooked_supervisor.endpoint) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

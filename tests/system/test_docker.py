@@ -22,7 +22,7 @@ import pytest
 from bench.dockerbox import DockerBox, DockerUnavailable, Result
 from warmexec.protocol import Client
 
-from .conftest import SupervisorProcess, wait_for, wait_ready
+from .conftest import SupervisorProcess, stop_cleanly, wait_for, wait_ready
 
 pytestmark = pytest.mark.root
 
@@ -44,15 +44,13 @@ def docker_supervisor(docker, tmp_path_factory):
     sup = SupervisorProcess(docker.runc_root, str(tmp_path_factory.mktemp("docker-sup")),
                             config=f'docker_host = "{docker.host}"\n')
     yield sup
-    assert sup.stop() == 0
-    assert "internal error" not in sup.read_log(), "the supervisor logged an internal error"
+    stop_cleanly(sup)
 
 
 @pytest.fixture(scope="session")
 def docker_client(docker_supervisor):
-    c = Client(docker_supervisor.endpoint)
-    yield c
-    c.close()
+    with Client(docker_supervisor.endpoint) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")
