@@ -1,10 +1,11 @@
-"""Exec latency, throughput, CPU and memory of warmexec against runc exec, nsenter and the floor.
+"""Exec latency, throughput, CPU and memory of warmexec against runc, docker and ctr exec, nsenter, the floor.
 
     python3 -m bench.bench [--quick] [-n N] [--n-slow M] [--containers K] [--tput-containers T]
-                           [--scale 1,100,500] [--warm-containers W] [--json PATH] [--chart PATH]
+                           [--scale 1,100,500] [--warm-containers W] [--n-engine E] [--json PATH]
+                           [--chart PATH]
 
 One run, one ``warmexec serve`` subprocess per part, busybox containers under private
-runc roots (see :mod:`bench.runcbox`):
+runc roots (see :mod:`bench.runcbox`) and, for the engine part, a private dockerd's:
 
 1. latency of ``true`` one exec at a time, K containers round-robin: warmexec and the
    in-namespace floor taking turns 50 execs at a time (so that the machine's drift
@@ -17,13 +18,17 @@ runc roots (see :mod:`bench.runcbox`):
    everything it reaps, the client's own CPU beside both (:mod:`bench.resources`);
 4. warm-up: containers started one at a time, from ``runc run -d`` returning to their
    worker READY and to their first exec done (:mod:`bench.scale`);
-5. scale, under a fresh supervisor: 1, 100 and 500 warm containers (1 and 20 with
+5. engines, on one busybox container of a private Docker engine (:mod:`bench.engines`,
+   :mod:`bench.dockerbox`) served by its own supervisor: latency and CPU per exec of
+   warmexec, ``docker exec`` and containerd's ``ctr task exec``, taking turns (200 docker
+   and ctr execs, quick 20); skipped, with the reason printed, where dockerd cannot run;
+6. scale, under a fresh supervisor: 1, 100 and 500 warm containers (1 and 20 with
    --quick); warmexec's memory (USS, PSS) per container and the supervisor's, idle CPU,
    and exec latency round-robin over all of them;
-6. a chart (bench/out/latency.png, needs matplotlib: ``pip install '.[bench]'``).
+7. a chart (bench/out/latency.png, needs matplotlib: ``pip install '.[bench]'``).
 
 Prints tables with ratios, writes everything (raw samples and machine info included)
-as JSON. Exits 1 if any exec failed. Timings are reported, never asserted: a shared
+as JSON. Exits 1 if any exec or the engine part failed. Timings are reported, never asserted: a shared
 2-core VM is noisy.
 """
 
@@ -43,6 +48,7 @@ import time
 
 from bench.chart import write_chart
 from bench.common import FULL, QUICK, BenchError, Counts, Failures, start_supervisor
+from bench.engines import measure_engines
 from bench.harness import wait_ready
 from bench.measure import measure_latency, measure_throughput, summarize
 from bench.report import print_report
@@ -68,6 +74,8 @@ def counts_from(args: argparse.Namespace) -> Counts:
         c.scale = args.scale
     if args.warm_containers is not None:
         c.warm_containers = args.warm_containers
+    if args.n_engine is not None:
+        c.engine_slow = args.n_engine
     c.warmup = max(c.warmup, 2 * args.containers)  # every container's worker warmed twice
     return c
 
@@ -153,6 +161,8 @@ def run(args: argparse.Namespace, boxes: list[RuncBox], tmp: str) -> tuple[dict,
     boxes.append(RuncBox())
     doc.update(measure_small(args, boxes[0], os.path.join(tmp, "small"), c, failures))
     delete_all(boxes[0])  # idle containers of the first part must not weigh on the next
+    # before the scale part: the kernel is still tearing its 500 containers down after it
+    doc["engines"] = measure_engines(os.path.join(tmp, "engines"), c, failures)
     if c.scale:
         boxes.append(RuncBox())
         t0 = time.monotonic()
@@ -186,14 +196,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                       "scale (default 1,100,500, quick 1,20; '' skips)")
     p.add_argument("--warm-containers", type=int,
                    help="containers whose warm-up is timed (default 20, quick 5)")
+    p.add_argument("--n-engine", type=int, help="docker exec and ctr exec samples on the private Docker "
+                                                "engine's container (default 200, quick 20; 0 skips it)")
     p.add_argument("--json", default=DEFAULT_JSON, help="results file (default bench/out/results.json)")
     p.add_argument("--chart", help="PNG chart (default latency.png beside the JSON file)")
     args = p.parse_args(argv)
     for name in ("n", "n_slow", "containers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warm_containers is not None and args.warm_containers < 0:
-        p.error("--warm-containers must not be negative")
+    for name in ("warm_containers", "n_engine"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must not be negative")
     args.chart = args.chart or os.path.join(os.path.dirname(os.path.abspath(args.json)), "latency.png")
     return args
 
@@ -231,10 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     doc["chart"] = write_chart(args.chart, doc)
     write_json(args.json, doc)
     print(f"\nwrote {args.json}" + (f" and {doc['chart']}" if doc["chart"] else "") + f" ({doc['wall_s']} s)")
-    exits = [doc["supervisor_exit"], (doc.get("scale") or {}).get("supervisor_exit", 0)]
+    exits = [doc["supervisor_exit"], *((doc.get(part) or {}).get("supervisor_exit", 0)
+                                       for part in ("scale", "engines"))]
     if any(exits):
         print(f"bench: supervisor exit statuses on SIGTERM: {exits}", file=sys.stderr)
-    return 1 if failures.total() or any(exits) else 0
+    engine_error = doc["engines"].get("error")
+    if engine_error:
+        print(f"bench: the engine part failed: {engine_error}", file=sys.stderr)
+    return 1 if failures.total() or any(exits) or engine_error else 0
 
 
 def _terminate(signum: int, _frame: object) -> None:

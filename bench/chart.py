@@ -1,5 +1,8 @@
 """bench/out/latency.png: latency CDFs, throughput curves and the scale results.
 
+The latency panel has the engine part's methods too (docker exec, ctr exec, and
+warmexec on the same Docker container, dashed), when it ran.
+
 matplotlib is optional (``pip install '.[bench]'``): without it the chart is skipped
 with a message, and the rest of the bench is unaffected.
 """
@@ -9,7 +12,7 @@ from __future__ import annotations
 import os
 
 COLORS = {"warmexec": "tab:blue", "runc exec": "tab:red", "nsenter": "tab:orange", "floor": "tab:green",
-          "zmq ping": "tab:gray"}
+          "zmq ping": "tab:gray", "docker exec": "tab:purple", "ctr exec": "tab:brown"}
 
 
 def write_chart(path: str, doc: dict) -> str | None:
@@ -22,8 +25,9 @@ def write_chart(path: str, doc: dict) -> str | None:
         print("chart: matplotlib is not installed (pip install '.[bench]'); no PNG written")
         return None
     scale = (doc.get("scale") or {}).get("points")
-    fig, axes = plt.subplots(1, 3 if scale else 2, figsize=(18 if scale else 12, 5))
-    _latency(axes[0], doc["samples_ns"], doc["containers"])
+    engines = (doc.get("engines") or {}).get("samples_ns")
+    fig, axes = plt.subplots(1, 3 if scale else 2, figsize=(18 if scale else 12, 5.6 if engines else 5))
+    _latency(axes[0], doc["samples_ns"], doc["containers"], engines)
     _throughput(axes[1], doc["throughput"])
     if scale:
         _scale(axes[2], scale)
@@ -37,17 +41,28 @@ def write_chart(path: str, doc: dict) -> str | None:
     return path
 
 
-def _latency(ax, samples: dict[str, list[int]], containers: int) -> None:
-    for method, ns in samples.items():
+def _latency(ax, samples: dict[str, list[int]], containers: int,
+             engines: dict[str, list[int]] | None = None) -> None:
+    lines = [(m, ns, m, "-") for m, ns in samples.items()]
+    for m, ns in (engines or {}).items():  # the Docker container's: warmexec dashed beside its runc line
+        we = m == "warmexec"
+        lines.append((m, ns, "warmexec, Docker container" if we else m, "--" if we else "-"))
+    for method, ns, label, style in lines:
+        if not ns:
+            continue
         xs = sorted(v / 1e6 for v in ns)
         ys = [(i + 1) / len(xs) for i in range(len(xs))]
-        ax.step(xs, ys, where="post", label=f"{method} (n={len(xs)})", color=COLORS.get(method))
+        ax.step(xs, ys, where="post", label=f"{label} (n={len(xs)})", color=COLORS.get(method), ls=style)
     ax.set_xscale("log")
     ax.set_xlabel("latency of one exec of `true`, ms (log)")
     ax.set_ylabel("fraction of execs")
-    ax.set_title(f"latency CDF, one at a time, {containers} containers")
+    where = f"{containers} runc containers" + ("; engines: one Docker container" if engines else "")
+    ax.set_title(f"latency CDF, one at a time, {where}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="best", fontsize=9)
+    if engines:  # eight lines: below the panel, where they hide none of them
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=7.5)
+    else:
+        ax.legend(loc="best", fontsize=9)
 
 
 def _throughput(ax, rows: list[dict]) -> None:

@@ -30,10 +30,12 @@ class Counts:
     scale_execs: int  # latency samples at each container count
     idle_seconds: float  # supervisor tree's idle CPU is sampled this long at each count
     warm_containers: int  # containers started one by one to time their warm-up
+    engine_fast: int  # warmexec execs on the Docker container (latency and CPU)
+    engine_slow: int  # the same for docker exec and ctr exec each (0: no engine part)
 
 
-FULL = Counts(2000, 300, 20, 3000, 240, 2000, 200, (1, 100, 500), 500, 4.0, 20)
-QUICK = Counts(200, 30, 10, 300, 24, 500, 30, (1, 20), 200, 1.0, 5)
+FULL = Counts(2000, 300, 20, 3000, 240, 2000, 200, (1, 100, 500), 500, 4.0, 20, 1000, 200)
+QUICK = Counts(200, 30, 10, 300, 24, 500, 30, (1, 20), 200, 1.0, 5, 200, 20)
 
 
 class Failures:
@@ -52,12 +54,12 @@ class Failures:
         return sum(self.count.values())
 
 
-def start_supervisor(root: str, workdir: str) -> SupervisorProcess:
+def start_supervisor(root: str, workdir: str, config: str = "") -> SupervisorProcess:
     """`warmexec serve` on one runc root, quiet (WARNING). Metrics are recorded as always;
     only their HTTP endpoint is left off, as nothing scrapes it here."""
     os.makedirs(workdir, exist_ok=True)
     try:
-        return SupervisorProcess(root, workdir, metrics=False, log_level="WARNING")
+        return SupervisorProcess(root, workdir, config=config, metrics=False, log_level="WARNING")
     except AssertionError as exc:
         raise BenchError(str(exc)) from None
 

@@ -98,6 +98,40 @@ def print_warmup(warm: dict) -> None:
         print(f"{label:<46} {warm[key]['p50_ms']:>8.2f} {warm[key]['p95_ms']:>8.2f}")
 
 
+def print_engines(eng: dict) -> None:
+    if "latency" not in eng:
+        what = f"failed: {eng['error']}" if eng.get("error") else f"skipped: {eng.get('skipped')}"
+        print(f"\nengines (docker exec, ctr exec): {what}")
+        return
+    v = eng["versions"]
+    print(f"\nengines: one exec of `true` at a time on one Docker container (private dockerd "
+          f"{v.get('docker')}, containerd {v.get('containerd')}, runc {v.get('runc')}), taking turns")
+    head = "{:<11} {:>5} {:>8} {:>8} {:>8} {:>10} {:>11} {:>8} {:>8} {:>10}"
+    print(head.format("method", "n", "p50", "p90", "p99", "p50/we", "CPU ms/exec", "client", "total",
+                      "total/we"))
+    for m, r in eng["latency"].items():
+        c, q = eng["cpu"][m], eng["ratios"].get(m, {"cpu_with_client": 1.0})
+        print(f"{m:<11} {r['n']:>5} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} "
+              f"{_ratio(r['p50_vs_warmexec']):>10} {c['exec_side_ms_per_exec']:>11.3f} "
+              f"{c['client_ms_per_exec']:>8.3f} {c['total_ms_per_exec']:>8.3f} "
+              f"{_ratio(q['cpu_with_client']):>10}")
+    for m, c in eng["cpu"].items():
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in c["by_part_ms_per_exec"].items())
+        others = ", ".join(f"{k} {v:.3f}" for k, v in c["meanwhile_ms_per_exec"].items() if v)
+        print(f"{m} CPU ms/exec: {parts}" + (f"  (meanwhile, not counted: {others})" if others else ""))
+    for m, q in eng["ratios"].items():
+        print(f"{m} / warmexec: p50 {_ratio(q['p50'])}, CPU {_ratio(q['cpu_exec_side'])} exec side, "
+              f"{_ratio(q['cpu_with_client'])} with the client")
+    print("(CPU ms/exec: warmexec's process tree; for docker and ctr the CLI, dockerd, containerd, the shim")
+    print(f" and what they reaped (runc, runc init, the command); client = the bench process; engine idle "
+          f"{_num(eng.get('engine_idle_pct'))}% of a core)")
+    print(f"engine part {eng['seconds']:.1f} s (engine up, container READY {eng['setup_s']:.1f} s, "
+          f"turns {eng['measure_s']:.1f} s, clean-up {eng['cleanup_s']:.1f} s); "
+          f"containerd at {eng['containerd_address']}")
+    for note in eng.get("notes", []):
+        print(f"note: {note}")
+
+
 def print_report(doc: dict, failures: Failures) -> None:
     print_latency(doc["latency"], doc["containers"])
     print_throughput(doc["throughput"], doc.get("tput_containers"))
@@ -105,6 +139,8 @@ def print_report(doc: dict, failures: Failures) -> None:
     if doc.get("scale"):
         print_scale(doc["scale"])
     print_warmup(doc.get("warmup", {}))
+    if doc.get("engines"):
+        print_engines(doc["engines"])
     if failures.total():
         print(f"\nFAILED execs: {dict(failures.count)}", file=sys.stderr)
         for line in failures.examples:
