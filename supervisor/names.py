@@ -183,10 +183,12 @@ class DockerNames:
 
         client = docker.DockerClient(base_url=self.host, timeout=10)
         try:
-            events = client.api.events(decode=True, filters={"type": "container"})
+            # Only the events that change names: a docker exec's own events (several per
+            # exec) must cost the supervisor nothing.
+            events = client.api.events(decode=True, filters={"type": "container", "event": sorted(RELIST_ON)})
             self._publish(_listed(client.api.containers(all=True)))  # after subscribing: no gap
             for event in events:
-                if event.get("Action", "").split(":")[0] in RELIST_ON:
+                if event.get("Action", "").split(":")[0] in RELIST_ON:  # the engine filters too
                     self._publish(_listed(client.api.containers(all=True)))
         finally:
             client.close()
