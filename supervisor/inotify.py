@@ -2,14 +2,17 @@
 
 runc creates ``<root>/<id>/`` and then renames ``state.json`` into it. The supervisor
 watches each root (a directory appears or goes) and each container directory (the
-state file is renamed in or rewritten); any event triggers a rescan, and the rescan
-adds watches for directories it has not seen before, so nothing falls in between.
+state file is renamed in or rewritten); an event that can change what is served
+(``needs_rescan``) triggers a rescan, and the rescan adds watches for directories it
+has not seen before, so nothing falls in between. A served container's state file
+rewritten (every ``runc exec`` into it does that) triggers nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -47,23 +50,40 @@ class Watcher:
             self.paths[path] = wd
             self.wds[wd] = path
 
-    def drain(self) -> int:
-        """Read every pending event; return how many there were."""
-        count = 0
+    def drain(self) -> list[tuple[str, int, str]]:
+        """Read every pending event; return (watched directory, mask, file name) of each."""
+        events: list[tuple[str, int, str]] = []
         while True:
             try:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
-                return count
+                return events
             offset = 0
             while offset + _HEADER <= len(data):
                 wd = int.from_bytes(data[offset:offset + 4], "little", signed=True)
                 mask = int.from_bytes(data[offset + 4:offset + 8], "little")
                 length = int.from_bytes(data[offset + 12:offset + 16], "little")
+                name = data[offset + _HEADER:offset + _HEADER + length].rstrip(b"\0").decode(errors="replace")
                 offset += _HEADER + length
-                count += 1
+                events.append((self.wds.get(wd, ""), mask, name))
                 if mask & IN_IGNORED:  # the watched directory is gone
                     self.paths.pop(self.wds.pop(wd, ""), None)
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def needs_rescan(events: list[tuple[str, int, str]], served_and_alive: Callable[[str], bool],
+                 state_files: tuple[str, ...]) -> bool:
+    """Whether these events can change what is served. Every `runc exec` into a
+    container (docker exec, ctr exec, a kubelet's probes...) writes and deletes a file
+    in its state directory: for a served container whose init lives, that changes
+    nothing (its end is seen through its init's pidfd). Anything in a root, the state
+    file or the directory going, or a container not served (or no longer alive: a
+    restart under the same id) can."""
+    for path, mask, name in events:
+        if mask & (IN_DELETE_SELF | IN_IGNORED) or (mask & IN_DELETE and name in state_files):
+            return True
+        if not served_and_alive(os.path.basename(path)):
+            return True  # also every event of a root: a root is no container's id
+    return False

@@ -180,7 +180,9 @@ class Supervisor:
             self.loop.call_at(time.monotonic() + self.cfg.scan_interval, self._periodic_rescan)
 
     def _on_inotify(self, _mask: int) -> None:
-        if self.watcher.drain() and not self.stopping:
+        events = self.watcher.drain()
+        if events and not self.stopping and inotify.needs_rescan(events, self.table.serving,
+                                                                            discovery.STATE_FILES):
             self.rescan()
 
     # ---- the wire --------------------------------------------------------------

@@ -73,6 +73,11 @@ class WorkerTable:
     def get(self, cid: str) -> Served | None:
         return self.containers.get(cid)
 
+    def serving(self, cid: str) -> bool:
+        """Is cid served, its init alive?"""
+        c = self.containers.get(cid)
+        return c is not None and not c.dying()
+
     def canonical(self, ref: str) -> str:
         """The id of the served container ref names (its id, a name, or a unique id
         prefix: see names.py); ref itself if it names none. AMBIGUOUS if a prefix of

@@ -81,3 +81,19 @@ def test_an_alias_two_containers_claim_names_neither():
     assert e.value.code == errors.AMBIGUOUS and one in e.value.message and two in e.value.message
     names.remove(two)
     assert names.resolve("shop/web-0/app", [one]) == one
+
+
+def test_an_exec_by_another_tool_into_a_served_container_makes_no_rescan():
+    """`runc exec` rewrites the container's state.json (two events): a served, living
+    container's own rewrites change nothing; roots, deletions and new ones do."""
+    from warmexec.supervisor import inotify
+
+    live, files = {"c1"}.__contains__, ("state.json",)
+    rewrite = [("/run/runc/c1", inotify.IN_CLOSE_WRITE, "runc.Z7Vs3x"),  # as runc exec does it
+               ("/run/runc/c1", inotify.IN_DELETE, "runc.Z7Vs3x")]
+    assert not inotify.needs_rescan(rewrite, live, files)
+    assert inotify.needs_rescan([("/run/runc/c2", inotify.IN_MOVED_TO, "state.json")], live, files)  # new
+    assert inotify.needs_rescan([("/run/runc/c1", inotify.IN_DELETE, "state.json")], live, files)
+    assert inotify.needs_rescan([("/run/runc/c1", inotify.IN_DELETE_SELF, "")], live, files)
+    assert inotify.needs_rescan([("/run/runc", inotify.IN_CREATE, "c3")], live, files)
+    assert inotify.needs_rescan([("/run/runc/c1", inotify.IN_MOVED_TO, "state.json")], lambda c: False, files)
