@@ -3,8 +3,8 @@
 # (the tests' and demo's container rootfs), Prometheus (its promtool and server check the
 # alert rules and the dashboard's queries), gcc and libc6-dev (the hostile-container
 # tests build their attacker's tools), Debian's docker.io (dockerd 20.10 with its containerd
-# 1.6 and ctr: the Docker parity tests start a private daemon of their own, never the
-# host's; on a systemd host the package also enables its own docker.service), and a
+# 1.6 and ctr: the Docker and containerd parity tests start private daemons of their own,
+# never the host's; on a systemd host the package also enables its own docker.service), and a
 # virtualenv (.venv) holding the project with its test and bench extras. Idempotent: a
 # second run installs nothing new.
 set -euo pipefail
@@ -21,6 +21,7 @@ command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)                # the hostile-container tests
 dpkg -s libc6-dev >/dev/null 2>&1 || need+=(libc6-dev)       # static attacker tools
 dpkg -s docker.io >/dev/null 2>&1 || need+=(docker.io)       # the Docker parity tests
+dpkg -s containerd >/dev/null 2>&1 || need+=(containerd)     # containerd and ctr (docker.io's dependency)
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}"
     apt-get update -qq

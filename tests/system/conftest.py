@@ -13,10 +13,12 @@ of each once both have started.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
 
+from bench.enginebox import Result
 from bench.harness import SupervisorProcess, wait_for, wait_ready  # noqa: F401 - re-exported
 from bench.runcbox import RuncBox
 from warmexec.protocol import Client
@@ -48,6 +50,39 @@ name = "%s-%s.json" % (sys.argv[1], doc["exec_id"])
 with open(os.path.join(sys.argv[2], name), "w") as f:
     json.dump(doc, f)
 """
+
+
+NS = "cgroup ipc mnt net pid pid_for_children time time_for_children user uts"
+
+# Shell probes of an exec'd process's attributes, compared line for line with an
+# engine's own exec (test_docker.py, test_containerd.py).
+PROBES = {
+    "caps-nnp-seccomp": r"grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp|Seccomp_filters):' "
+                        "/proc/self/status",
+    "cgroup": "cat /proc/self/cgroup",
+    "ulimit": "ulimit -a",
+    "limits": "cat /proc/self/limits",
+    "hostname": "hostname",
+    "namespaces": f'for n in {NS}; do echo "$n $(readlink /proc/self/ns/$n)"; done',
+    "umask": "umask",
+    "oom_score_adj": "cat /proc/self/oom_score_adj",
+}
+
+
+# Scripts and the exit codes an engine's exec and warmexec's must both give.
+EXIT_CASES = [("exit 3", 3), ("kill -9 $$", 137), ("kill -15 $$", 143)]
+
+
+def fd_numbers(r: Result) -> set[str]:
+    """The descriptor numbers in `ls -l /proc/self/fd` (what they point at may differ)."""
+    return {line.split()[-3] for line in r.stdout.splitlines() if " -> " in line}
+
+
+def warmexec_cli(sup: SupervisorProcess, *args: str, command: str = "exec") -> Result:
+    """The warmexec CLI (`warmexec COMMAND --endpoint ... ARGS`) against sup."""
+    r = subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", command, "--endpoint", sup.endpoint,
+                        *args], capture_output=True, text=True, timeout=30, env=dict(os.environ))
+    return Result(r.returncode, r.stdout, r.stderr)
 
 
 def stop_cleanly(sup: SupervisorProcess) -> None:

@@ -12,21 +12,25 @@ where docker adds the primary gid to the supplementary groups (CVE-2022-36109).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from bench.dockerbox import DockerBox, DockerUnavailable, Result
 from warmexec.protocol import Client
 
-from .conftest import SupervisorProcess, stop_cleanly, wait_for, wait_ready
+from .conftest import (
+    EXIT_CASES,
+    PROBES,
+    SupervisorProcess,
+    fd_numbers,
+    stop_cleanly,
+    wait_for,
+    wait_ready,
+    warmexec_cli,
+)
 
 pytestmark = pytest.mark.root
-
-NS = "cgroup ipc mnt net pid pid_for_children time time_for_children user uts"
 
 
 @pytest.fixture(scope="session")
@@ -67,12 +71,6 @@ def both(docker, client, cid, argv, *, user=None, env=None, cwd=None) -> tuple[R
     return ref, Result(r["exit_code"], r["stdout"].decode(), r["stderr"].decode())
 
 
-def warmexec_cli(sup, *args: str) -> Result:
-    r = subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", "exec", "--endpoint", sup.endpoint,
-                        *args], capture_output=True, text=True, timeout=30, env=dict(os.environ))
-    return Result(r.returncode, r.stdout, r.stderr)
-
-
 @pytest.mark.parametrize("user", [None, "app", "1000", "app:extra", "1000:2000", "nobody", "root"])
 def test_id_under_every_user_form(docker, docker_client, app, user):
     ref, got = both(docker, docker_client, app, ["id"], user=user)
@@ -98,19 +96,6 @@ def test_workdir(docker, docker_client, app, cwd):
     assert got == ref
 
 
-PROBES = {
-    "caps-nnp-seccomp": r"grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp|Seccomp_filters):' "
-                        "/proc/self/status",
-    "cgroup": "cat /proc/self/cgroup",
-    "ulimit": "ulimit -a",
-    "limits": "cat /proc/self/limits",
-    "hostname": "hostname",
-    "namespaces": f'for n in {NS}; do echo "$n $(readlink /proc/self/ns/$n)"; done',
-    "umask": "umask",
-    "oom_score_adj": "cat /proc/self/oom_score_adj",
-}
-
-
 @pytest.mark.parametrize("user", [None, "app"])
 @pytest.mark.parametrize("probe", sorted(PROBES))
 def test_process_attributes(docker, docker_client, app, probe, user):
@@ -122,12 +107,11 @@ def test_process_attributes(docker, docker_client, app, probe, user):
 def test_open_fds(docker, docker_client, app):
     """The same descriptor numbers (what they point at, pipes or sockets, may differ)."""
     ref, got = both(docker, docker_client, app, ["ls", "-l", "/proc/self/fd"])
-    fds = [{line.split()[-3] for line in r.stdout.splitlines() if " -> " in line} for r in (ref, got)]
-    assert ref.code == 0 and fds[0], ref
-    assert fds[1] == fds[0], (ref.stdout, got.stdout)
+    assert ref.code == 0 and fd_numbers(ref), ref
+    assert fd_numbers(got) == fd_numbers(ref), (ref.stdout, got.stdout)
 
 
-@pytest.mark.parametrize("script,code", [("exit 3", 3), ("kill -9 $$", 137), ("kill -15 $$", 143)])
+@pytest.mark.parametrize("script,code", EXIT_CASES)
 def test_exit_codes_and_signals(docker, docker_client, app, script, code):
     ref, got = both(docker, docker_client, app, ["sh", "-c", script])
     assert ref.code == code
