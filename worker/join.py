@@ -105,6 +105,8 @@ def join(spec: dict) -> None:
         adj = spec["process"].get("oom_score_adj")
         if adj is not None:
             _write("/proc/self/oom_score_adj", str(adj).encode())
+        else:
+            inherit_oom_score_adj(init_pid, pidfd)
         for path in spec["cgroup_procs"]:
             _write(path, b"0")  # "0" is the writer itself
         flags = 0
@@ -141,6 +143,24 @@ def stdio_from_container() -> bool:
         os.dup2(null, target)
     os.close(null)
     return genuine
+
+
+def inherit_oom_score_adj(init_pid: int, pidfd: int) -> None:
+    """No oomScoreAdj in the spec: the container's processes have what their engine's
+    shim had (containerd's +1), and so does an exec through the engine; take the init's.
+    Read through the pid we hold a pidfd on, checked alive after the read (so not a
+    reused pid). A value below ours needs CAP_SYS_RESOURCE: without it ours stays, and
+    the exec is the likelier OOM victim, never the less likely one."""
+    try:
+        fd = os.open(f"/proc/{init_pid}/oom_score_adj", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            value = int(os.read(fd, 32))
+        finally:
+            os.close(fd)
+        signal.pidfd_send_signal(pidfd, 0)
+        _write("/proc/self/oom_score_adj", str(value).encode())
+    except (OSError, ValueError):
+        pass
 
 
 def _write(path: str, data: bytes) -> None:

@@ -7,8 +7,8 @@ containers in the namespace warmexec-test; their runc state is under
 NAMESPACE/ID. Each probe runs once through `ctr task exec` and once through warmexec, on
 the same container; ctr's behaviour is the target except where a difference is named
 below, with its cause (the supplementary groups of `--user`, ctr's own error messages and
-exit code, a default PATH for a spec without env) or marked xfail as a gap to close
-(oom_score_adj). A host where containerd cannot start skips these tests with the reason.
+exit code, a default PATH for a spec without env). A host where containerd cannot start
+skips these tests with the reason.
 """
 
 from __future__ import annotations
@@ -137,15 +137,11 @@ def test_workdir(ctrd, ctrd_client, app, cwd):
 
 # containerd's shim runs with containerd's oom_score_adj + 1 (1 here) and `ctr run` sets
 # no process.oomScoreAdj, so the container's init and every `runc exec` the shim starts
-# inherit 1; a warmexec exec gets the supervisor's 0 (it applies process.oomScoreAdj only
-# when the spec has one), less likely to be OOM-killed than the container's own processes.
-OOM_GAP = pytest.mark.xfail(strict=True, reason="oom_score_adj: ctr exec 1 (the shim's, inherited), "
-                                                 "warmexec 0 when the spec sets none")
+# inherit 1; warmexec's joiner takes the init's value when the spec sets none.
 
 
 @pytest.mark.parametrize("user", [None, "app"])
-@pytest.mark.parametrize("probe", [pytest.param(p, marks=OOM_GAP) if p == "oom_score_adj" else p
-                                   for p in sorted(PROBES)])
+@pytest.mark.parametrize("probe", sorted(PROBES))
 @pytest.mark.parametrize("which", ["app", "confined"])
 def test_process_attributes(ctrd, ctrd_client, request, which, probe, user):
     cid = request.getfixturevalue(which)
