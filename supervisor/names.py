@@ -41,20 +41,32 @@ class DockerInfo:
 
 
 def engine(info: Container) -> tuple[str, str | None]:
-    """(engine, containerd namespace) from where the container's state lives."""
+    """(engine, containerd namespace): from the bundle containerd's shim made, whose
+    path is ``.../io.containerd.runtime.v2.task/NAMESPACE/ID`` wherever its state lives
+    (Docker's namespace is ``moby``), else from where the container's state lives."""
     if info.source == "attach":
         return "attached", None
     root = info.source.rstrip("/")
     parent, ns = os.path.split(root)
-    if os.path.basename(parent) == "runtime-runc" and ns == "moby":
+    bundle_ns = _bundle_namespace(info.labels.get("bundle") or "")
+    if bundle_ns is not None:
+        ns = bundle_ns
+    if ns == "moby" and (bundle_ns is not None or os.path.basename(parent) == "runtime-runc"):
         return "docker", None
     if info.labels.get("io.kubernetes.cri.container-type") or info.labels.get("io.kubernetes.pod.name"):
         return ("cri-o", None) if "crio" in root or "cri-o" in root else ("cri", ns)
-    if os.path.basename(parent) == "runc" and "containerd" in parent:
+    if bundle_ns is not None or (os.path.basename(parent) == "runc" and "containerd" in parent):
         return "containerd", ns
     if "crun" in root:
         return "crun", None
     return "runc", None
+
+
+def _bundle_namespace(bundle: str) -> str | None:
+    parent = os.path.dirname(bundle.rstrip("/"))
+    if os.path.basename(os.path.dirname(parent)) == "io.containerd.runtime.v2.task":
+        return os.path.basename(parent)
+    return None
 
 
 def aliases(info: Container) -> list[str]:

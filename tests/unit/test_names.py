@@ -26,6 +26,10 @@ def info(cid: str, source: str, labels: dict | None = None) -> Container:
     ("/run/containerd/runc/k8s.io", CRI, ("cri", "k8s.io")),
     ("/run/crun", None, ("crun", None)),
     ("/run/runc", None, ("runc", None)),
+    ("/var/run/elsewhere", {"bundle": "/run/containerd/io.containerd.runtime.v2.task/ns1/c"},
+     ("containerd", "ns1")),
+    ("/srv/x/runtime-runc/moby", {"bundle": "/srv/x/containerd/daemon/io.containerd.runtime.v2.task/moby/c"},
+     ("docker", None)),
     ("attach", None, ("attached", None)),
 ])
 def test_engine_from_the_state_root(source, labels, expected):
