@@ -25,7 +25,7 @@ VERSION = 1
 OPS = ("exec", "ping", "list", "attach", "detach")
 
 DEFAULT_CAPTURE = 64 * 1024
-MAX_CAPTURE = 1 << 20
+MAX_CAPTURE = 16 << 20  # per stream: what containerd keeps of an ExecSync (CRI)
 MAX_STDIN = 1 << 20
 MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_ARGS = 4096

@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="json: one object per line, event fields as keys")
     s.set_defaults(func=cmd_serve)
 
+    cri = sub.add_parser("cri", help="a CRI endpoint: ExecSync from warm workers, the rest forwarded")
+    cri.add_argument("--listen", required=True, metavar="URL", help="e.g. unix:///run/warmexec/cri.sock")
+    cri.add_argument("--upstream", required=True, metavar="URL",
+                     help="the runtime's CRI socket, e.g. unix:///run/containerd/containerd.sock")
+    cri.add_argument("--endpoint", default=None, help="the supervisor (default $WARMEXEC_ENDPOINT or "
+                                                      f"{DEFAULT_ENDPOINT})")
+    cri.add_argument("--log-level", default="INFO")
+    cri.set_defaults(func=cmd_cri)
+
     k = sub.add_parser("keygen", help="make a CurveZMQ key pair (NAME.key, NAME.key_secret)")
     k.add_argument("directory")
     k.add_argument("name")
@@ -214,6 +223,20 @@ def _simple(args: argparse.Namespace, op: str, name: str | None = None, pid: int
         r = c.call(op, container=name, pid=pid)
     if op == "ping":
         print(f"supervisor pid {r['pid']} answering at {args.endpoint or default_endpoint()}")
+    return 0
+
+
+def cmd_cri(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - only this command needs it
+
+    from .cri import serve  # noqa: PLC0415 - grpc is imported by this command alone
+    from .logs import configure  # noqa: PLC0415
+
+    configure(args.log_level, "text")
+    try:
+        asyncio.run(serve(args.listen, args.upstream, args.endpoint))
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -39,6 +39,7 @@ from .metrics import Metrics
 
 KILL_GRACE = 1.0  # after a timeout kill, how long the worker has to report the exit
 ACK_DELAY = 0.02  # at most this long a worker keeps an exited command's zombie, idle
+CAPTURE_BUDGET = 512 << 20  # bytes: stdout and stderr all execs in flight may keep
 
 Reply = Callable[[list[bytes], dict], None]
 Publish = Callable[[str, dict], None]
@@ -74,6 +75,7 @@ class ExecPath:
         self.max_inflight = max_inflight
         self.max_per_container = max_per_container
         self.active = 0  # execs received and not yet answered
+        self.captured = 0  # what the execs in flight may keep of their output, in bytes
         # Must workers report each start at once (start hooks, the event stream)?
         self.announce = publish is not None or (hooks is not None and hooks.wants("start"))
 
@@ -89,9 +91,13 @@ class ExecPath:
             raise WarmexecError(errors.CONTAINER_PAUSED, f"container {c.name} is paused")
         if self.active >= self.max_inflight or c.open_execs() >= self.max_per_container:
             raise WarmexecError(errors.BUSY, "too many execs in flight; retry later")
+        if self.captured + 2 * req.capture > CAPTURE_BUDGET:
+            raise WarmexecError(errors.BUSY, "too much output could be kept for the execs in flight; "
+                                             "retry later or ask for less capture")
         self.table.make_room(c, (req.user or "", req.privileged))
         ex = Exec(envelope, req_id, req)
         self.active += 1
+        self.captured += 2 * req.capture
         if ex.deadline is not None:  # cancelled when it ends: a timer must not keep it
             ex.timers.append(self.loop.call_at(ex.deadline, lambda: self.on_timeout(c, ex)))
         self.route(c, ex)
@@ -319,6 +325,7 @@ class ExecPath:
             return
         ex.done = True
         self.active -= 1
+        self.captured -= 2 * ex.req.capture
         for timer in ex.timers:
             timer.cancel()
         ex.timers.clear()
