@@ -38,7 +38,7 @@ IMAGE_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CONFIG = """version = 2
 root = "{dir}/root"
 state = "{dir}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{top_level}
 
 [grpc]
   address = "{dir}/engine/containerd.sock"
@@ -51,7 +51,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{dir}/opt"
-"""
+{plugins}"""
 
 
 class ContainerdUnavailable(EngineUnavailable):
@@ -64,16 +64,18 @@ class ContainerdBox(EngineBox):
 
     namespace = NAMESPACE
     unavailable = ContainerdUnavailable
+    dir_prefix = "wectrd-"
+    cgroup_prefix = "/warmexec-ctrd-"
 
     def __init__(self, workdir: str | None = None, start_timeout: float = 30) -> None:
         self.require(CONTAINERD, CTR, what="Debian's containerd")
-        super().__init__(workdir, "wectrd-", "containerd.log")
+        super().__init__(workdir, self.dir_prefix, "containerd.log")
         self.config = os.path.join(self.dir, "engine", "config.toml")
         self.address = os.path.join(self.dir, "engine", "containerd.sock")
         self.runc_parent = os.path.join(self.dir, "containerd", "runc")  # the shim's runc Root
         self.runc_root = os.path.join(self.runc_parent, self.namespace)  # where state.json lands
         self.fifo_dir = os.path.join(self.dir, "fifo")
-        self.cgroup_parent = "/warmexec-ctrd-" + self.suffix
+        self.cgroup_parent = self.cgroup_prefix + self.suffix
         self.own_marker = os.path.join(self.dir, "engine", "").encode()  # --config, shims' -address
         self.env = {"PATH": TOOLS_PATH}
         self._exec_ids = itertools.count()
@@ -85,17 +87,25 @@ class ContainerdBox(EngineBox):
             os.makedirs(os.path.dirname(self.config))
             os.makedirs(self.fifo_dir)
             with open(self.config, "w") as f:
-                f.write(CONFIG.format(dir=self.dir))
+                f.write(self.config_text())
             self.spawn([CONTAINERD, "--config", self.config], (), self.env, self._answers, start_timeout)
-            # Can this host run a container at all (cgroups, the shim, runc)?
-            probe = self.run("probe", command=("true",), check=False)
-            if probe.returncode != 0:
-                raise ContainerdUnavailable(f"ctr run fails here: {probe.stderr.strip()}")
-            self.remove("probe")
+            self._check()
         except BaseException:
             self.cleanup()
             raise
         os.makedirs(self.runc_root, exist_ok=True)  # a watcher needs the root before the first container
+
+    def config_text(self) -> str:
+        """containerd's config.toml: CONFIG with the CRI plugin disabled."""
+        return CONFIG.format(dir=self.dir, top_level='disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+                             plugins="")
+
+    def _check(self) -> None:
+        """Can this host run a container at all (cgroups, the shim, runc)?"""
+        probe = self.run("probe", command=("true",), check=False)
+        if probe.returncode != 0:
+            raise ContainerdUnavailable(f"ctr run fails here: {probe.stderr.strip()}")
+        self.remove("probe")
 
     def _answers(self) -> bool:
         if not os.path.exists(self.address):
