@@ -35,9 +35,13 @@ EXEC_SYNC = "/runtime.v1.RuntimeService/ExecSync"
 MAX_MESSAGE = 64 << 20  # both ways: containerd's own limit is 16 MiB per stream of output
 OUTPUT_CAP = 16 << 20  # bytes of each stream an ExecSync keeps, as containerd keeps them
 SERVED_TTL = 1.0  # seconds a list of the supervisor's containers is trusted
-#: What containerd 1.6 answers an ExecSync past its timeout, once it has killed the command.
+#: What containerd 1.6 answers an ExecSync past its timeout, once it has killed the
+#: command (tests/system/test_cri_box.py): its output is dropped.
 TIMEOUT_STATUS = grpc.StatusCode.DEADLINE_EXCEEDED
-TIMEOUT_MESSAGE = "failed to exec in container: timeout {timeout}s exceeded: context deadline exceeded"
+TIMEOUT_MESSAGE = "failed to exec in container: timeout {timeout} exceeded: context deadline exceeded"
+#: containerd's gRPC server sends no reply over 16 MiB: a reply that large (both streams
+#: count) is RESOURCE_EXHAUSTED, as the kubelet gets it from containerd.
+MAX_REPLY = 16 << 20
 #: warmexec's refusals before anything ran: the runtime may answer those itself.
 NOT_STARTED = frozenset((errors.NO_SUCH_CONTAINER, errors.CONTAINER_EXITED, errors.AMBIGUOUS, errors.BUSY,
                          errors.WORKER_UNAVAILABLE, errors.CONTAINER_PAUSED, errors.UNREACHABLE))
@@ -195,8 +199,12 @@ class Proxy(grpc.GenericRpcHandler):
         if reply is None or reply.get("exec_error"):  # not ours, or it never started: the
             return await self.forward_unary(EXEC_SYNC, request, context)  # runtime's words
         if reply["timed_out"]:
-            await context.abort(TIMEOUT_STATUS, TIMEOUT_MESSAGE.format(timeout=timeout))
-        return encode_exec_sync_response(reply["stdout"], reply["stderr"], reply["exit_code"])
+            await context.abort(TIMEOUT_STATUS, TIMEOUT_MESSAGE.format(timeout=go_duration(timeout)))
+        response = encode_exec_sync_response(reply["stdout"], reply["stderr"], reply["exit_code"])
+        if len(response) > MAX_REPLY:
+            too_large = f"grpc: trying to send message larger than max ({len(response)} vs. {MAX_REPLY})"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large)
+        return response
 
     def _exec(self, cid: str, cmd: list[str], timeout: int) -> dict | None:
         """warmexec's reply; None where nothing ran and the runtime should answer (a
@@ -219,6 +227,15 @@ class Proxy(grpc.GenericRpcHandler):
         if client is None:
             client = self.local.client = Client(self.endpoint)
         return client
+
+
+def go_duration(seconds: int) -> str:
+    """Whole seconds as Go's time.Duration prints them (containerd's messages): 1s, 1m30s, 1h0m0s."""
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m}m{s}s"
+    return f"{m}m{s}s" if m else f"{s}s"
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> list[tuple[str, str | bytes]]:

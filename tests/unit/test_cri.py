@@ -30,6 +30,11 @@ def test_exec_sync_response_encoding():
     assert cri.encode_exec_sync_response(b"", b"", -1) == b"\x18" + b"\xff" * 9 + b"\x01"  # int32 -1
 
 
+def test_timeouts_are_spelled_as_go_spells_durations():
+    assert [cri.go_duration(n) for n in (1, 59, 60, 90, 3600, 3661)] == \
+        ["1s", "59s", "1m0s", "1m30s", "1h0m0s", "1h1m1s"]
+
+
 class Upstream(grpc.GenericRpcHandler):
     """Echoes requests with the metadata it got; /x.Fail/Now fails with details and trailers."""
 
