@@ -93,7 +93,8 @@ def test_unknown_and_streaming_methods_are_forwarded_with_metadata_and_trailers(
         assert [r async for r in stream] == [b"a!", b"b!", b"c!"]
         method, md, left = fake.seen[0]
         assert method == "/runtime.v1.RuntimeService/Version" and md.get("who") == "kubelet"
-        assert left is not None and 0 < left <= 5  # the caller's deadline reached the upstream
+        # the caller's deadline reached the upstream (gRPC rounds a timeout on the wire up a little)
+        assert left is not None and 0 < left <= 5.1
     asyncio.run(_through_proxy(check))
 
 
