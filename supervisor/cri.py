@@ -35,6 +35,7 @@ EXEC_SYNC = "/runtime.v1.RuntimeService/ExecSync"
 MAX_MESSAGE = 64 << 20  # both ways: containerd's own limit is 16 MiB per stream of output
 OUTPUT_CAP = 16 << 20  # bytes of each stream an ExecSync keeps, as containerd keeps them
 SERVED_TTL = 1.0  # seconds a list of the supervisor's containers is trusted
+LIST_TIMEOUT = 0.5  # seconds: a supervisor slower than this to list is taken as down
 #: What containerd 1.6 answers an ExecSync past its timeout, once it has killed the
 #: command (tests/system/test_cri_box.py): its output is dropped.
 TIMEOUT_STATUS = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -133,9 +134,13 @@ class Served:
         self.at = 0.0
 
     def has(self, cid: str) -> bool:
-        if cid in self.ids and time.monotonic() - self.at < SERVED_TTL:
-            return True
-        rows = self.call("list")["containers"]
+        if time.monotonic() - self.at < SERVED_TTL:
+            return cid in self.ids  # one not warm yet goes upstream until the next list
+        try:
+            rows = self.call("list")["containers"]
+        except WarmexecError as exc:  # the supervisor is down or stuck: the runtime answers,
+            log.debug("supervisor not listing (%s): ExecSync goes to the runtime", exc)
+            rows = []                 # and we ask again SERVED_TTL from now
         self.ids = {r["id"] for r in rows
                     if r.get("cri_container_type") == "container" and r["state"] == "READY"}
         self.at = time.monotonic()
@@ -220,7 +225,7 @@ class Proxy(grpc.GenericRpcHandler):
             raise
 
     def _call(self, op: str) -> dict:
-        return self._client().call(op)
+        return self._client().call(op, timeout=LIST_TIMEOUT)
 
     def _client(self) -> Client:
         client = getattr(self.local, "client", None)

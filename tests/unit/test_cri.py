@@ -58,7 +58,7 @@ class Upstream(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(echo)
 
 
-async def _through_proxy(check) -> None:
+async def _through_proxy(check, endpoint: str | None = None) -> None:
     d = tempfile.mkdtemp(prefix="we-cri-")
     upstream_sock, proxy_sock = f"unix://{d}/up.sock", f"unix://{d}/proxy.sock"
     fake = Upstream()
@@ -67,8 +67,9 @@ async def _through_proxy(check) -> None:
     up.add_insecure_port(upstream_sock)
     await up.start()
     channel = grpc.aio.insecure_channel(upstream_sock)
-    proxy = cri.Proxy(channel, endpoint=None)
-    proxy.served.has = lambda cid: False  # no supervisor here: every ExecSync is forwarded
+    proxy = cri.Proxy(channel, endpoint=endpoint)
+    if endpoint is None:
+        proxy.served.has = lambda cid: False  # no supervisor here: every ExecSync is forwarded
     front = grpc.aio.server()
     front.add_generic_rpc_handlers((proxy,))
     front.add_insecure_port(proxy_sock)
@@ -113,3 +114,13 @@ def test_exec_sync_for_a_container_warmexec_does_not_serve_goes_to_the_runtime()
         assert await client.unary_unary(cri.EXEC_SYNC)(request, timeout=5) == request + b"!"
         assert fake.seen[-1][0] == cri.EXEC_SYNC
     asyncio.run(_through_proxy(check))
+
+
+def test_with_the_supervisor_down_exec_sync_goes_to_the_runtime_at_once():
+    """Never worse than the runtime: no supervisor answers at this endpoint."""
+    async def check(client, fake):
+        request = b"\x0a\x02c9\x12\x04true"
+        for _ in range(3):  # the first waits for the list's timeout; the next ones know
+            assert await client.unary_unary(cri.EXEC_SYNC)(request, timeout=5) == request + b"!"
+    d = tempfile.mkdtemp(prefix="we-cri-")
+    asyncio.run(_through_proxy(check, endpoint=f"ipc://{d}/no-supervisor.sock"))
