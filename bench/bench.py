@@ -2,7 +2,7 @@
 
     python3 -m bench.bench [--quick] [-n N] [--n-slow M] [--containers K] [--tput-containers T]
                            [--scale 1,100,500] [--warm-containers W] [--n-engine E] [--json PATH]
-                           [--chart PATH]
+                           [--n-cri C] [--chart PATH]
 
 One run, one ``warmexec serve`` subprocess per part, busybox containers under private
 runc roots (see :mod:`bench.runcbox`) and, for the engine part, a private dockerd's:
@@ -22,14 +22,19 @@ runc roots (see :mod:`bench.runcbox`) and, for the engine part, a private docker
    :mod:`bench.dockerbox`) served by its own supervisor: latency and CPU per exec of
    warmexec, ``docker exec`` and containerd's ``ctr task exec``, taking turns (200 docker
    and ctr execs, quick 20); skipped, with the reason printed, where dockerd cannot run;
-6. scale, under a fresh supervisor: 1, 100 and 500 warm containers (1 and 20 with
+6. CRI (:mod:`bench.cri_bench`, :mod:`bench.cribox`): ExecSync of ``true`` on one
+   container of a private containerd's CRI pod, through ``warmexec cri`` and containerd's
+   CRI socket directly, taking turns: latency and CPU per call (300 each, quick 20), and
+   a check that the supervisor ran every proxied call; skipped, with the reason printed,
+   where that containerd cannot run;
+7. scale, under a fresh supervisor: 1, 100 and 500 warm containers (1 and 20 with
    --quick); warmexec's memory (USS, PSS) per container and the supervisor's, idle CPU,
    and exec latency round-robin over all of them;
-7. a chart (bench/out/latency.png, needs matplotlib: ``pip install '.[bench]'``).
+8. a chart (bench/out/latency.png, needs matplotlib: ``pip install '.[bench]'``).
 
 Prints tables with ratios, writes everything (raw samples and machine info included)
-as JSON. Exits 1 if any exec or the engine part failed. Timings are reported, never asserted: a shared
-2-core VM is noisy.
+as JSON. Exits 1 if any exec, the engine part or the CRI part failed. Timings are
+reported, never asserted: a shared 2-core VM is noisy.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import time
 
 from bench.chart import write_chart
 from bench.common import FULL, QUICK, BenchError, Counts, Failures, start_supervisor
+from bench.cri_bench import measure_cri
 from bench.engines import measure_engines
 from bench.harness import wait_ready
 from bench.measure import measure_latency, measure_throughput, summarize
@@ -76,6 +82,8 @@ def counts_from(args: argparse.Namespace) -> Counts:
         c.warm_containers = args.warm_containers
     if args.n_engine is not None:
         c.engine_slow = args.n_engine
+    if args.n_cri is not None:
+        c.cri = args.n_cri
     c.warmup = max(c.warmup, 2 * args.containers)  # every container's worker warmed twice
     return c
 
@@ -163,6 +171,7 @@ def run(args: argparse.Namespace, boxes: list[RuncBox], tmp: str) -> tuple[dict,
     delete_all(boxes[0])  # idle containers of the first part must not weigh on the next
     # before the scale part: the kernel is still tearing its 500 containers down after it
     doc["engines"] = measure_engines(os.path.join(tmp, "engines"), c, failures)
+    doc["cri"] = measure_cri(os.path.join(tmp, "cri"), c, failures)
     if c.scale:
         boxes.append(RuncBox())
         t0 = time.monotonic()
@@ -198,13 +207,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="containers whose warm-up is timed (default 20, quick 5)")
     p.add_argument("--n-engine", type=int, help="docker exec and ctr exec samples on the private Docker "
                                                 "engine's container (default 200, quick 20; 0 skips it)")
+    p.add_argument("--n-cri", type=int, help="ExecSync calls through warmexec cri and to containerd's CRI "
+                                             "directly, each (default 300, quick 20; 0 skips it)")
     p.add_argument("--json", default=DEFAULT_JSON, help="results file (default bench/out/results.json)")
     p.add_argument("--chart", help="PNG chart (default latency.png beside the JSON file)")
     args = p.parse_args(argv)
     for name in ("n", "n_slow", "containers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warm_containers", "n_engine"):
+    for name in ("warm_containers", "n_engine", "n_cri"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative")
     args.chart = args.chart or os.path.join(os.path.dirname(os.path.abspath(args.json)), "latency.png")
@@ -245,13 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, doc)
     print(f"\nwrote {args.json}" + (f" and {doc['chart']}" if doc["chart"] else "") + f" ({doc['wall_s']} s)")
     exits = [doc["supervisor_exit"], *((doc.get(part) or {}).get("supervisor_exit", 0)
-                                       for part in ("scale", "engines"))]
+                                       for part in ("scale", "engines", "cri"))]
     if any(exits):
         print(f"bench: supervisor exit statuses on SIGTERM: {exits}", file=sys.stderr)
     engine_error = doc["engines"].get("error")
     if engine_error:
         print(f"bench: the engine part failed: {engine_error}", file=sys.stderr)
-    return 1 if failures.total() or any(exits) or engine_error else 0
+    cri_error = doc["cri"].get("error")
+    if cri_error:
+        print(f"bench: the CRI part failed: {cri_error}", file=sys.stderr)
+    return 1 if failures.total() or any(exits) or engine_error or cri_error else 0
 
 
 def _terminate(signum: int, _frame: object) -> None:

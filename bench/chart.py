@@ -1,7 +1,8 @@
 """bench/out/latency.png: latency CDFs, throughput curves and the scale results.
 
 The latency panel has the engine part's methods too (docker exec, ctr exec, and
-warmexec on the same Docker container, dashed), when it ran.
+warmexec on the same Docker container, dashed), and the CRI part's ExecSync through
+``warmexec cri`` and containerd directly (dotted), when they ran.
 
 matplotlib is optional (``pip install '.[bench]'``): without it the chart is skipped
 with a message, and the rest of the bench is unaffected.
@@ -12,7 +13,8 @@ from __future__ import annotations
 import os
 
 COLORS = {"warmexec": "tab:blue", "runc exec": "tab:red", "nsenter": "tab:orange", "floor": "tab:green",
-          "zmq ping": "tab:gray", "docker exec": "tab:purple", "ctr exec": "tab:brown"}
+          "zmq ping": "tab:gray", "docker exec": "tab:purple", "ctr exec": "tab:brown",
+          "warmexec cri": "tab:cyan", "containerd direct": "tab:olive"}
 
 
 def write_chart(path: str, doc: dict) -> str | None:
@@ -26,8 +28,10 @@ def write_chart(path: str, doc: dict) -> str | None:
         return None
     scale = (doc.get("scale") or {}).get("points")
     engines = (doc.get("engines") or {}).get("samples_ns")
-    fig, axes = plt.subplots(1, 3 if scale else 2, figsize=(18 if scale else 12, 5.6 if engines else 5))
-    _latency(axes[0], doc["samples_ns"], doc["containers"], engines)
+    cri = (doc.get("cri") or {}).get("samples_ns")
+    fig, axes = plt.subplots(1, 3 if scale else 2,
+                             figsize=(18 if scale else 12, 5.6 if engines or cri else 5))
+    _latency(axes[0], doc["samples_ns"], doc["containers"], engines, cri)
     _throughput(axes[1], doc["throughput"])
     if scale:
         _scale(axes[2], scale)
@@ -42,11 +46,13 @@ def write_chart(path: str, doc: dict) -> str | None:
 
 
 def _latency(ax, samples: dict[str, list[int]], containers: int,
-             engines: dict[str, list[int]] | None = None) -> None:
+             engines: dict[str, list[int]] | None = None, cri: dict[str, list[int]] | None = None) -> None:
     lines = [(m, ns, m, "-") for m, ns in samples.items()]
     for m, ns in (engines or {}).items():  # the Docker container's: warmexec dashed beside its runc line
         we = m == "warmexec"
         lines.append((m, ns, "warmexec, Docker container" if we else m, "--" if we else "-"))
+    for m, ns in (cri or {}).items():  # CRI ExecSync on a containerd pod's container, dotted
+        lines.append((m, ns, f"ExecSync, {m}", ":"))
     for method, ns, label, style in lines:
         if not ns:
             continue
@@ -59,7 +65,7 @@ def _latency(ax, samples: dict[str, list[int]], containers: int,
     where = f"{containers} runc containers" + ("; engines: one Docker container" if engines else "")
     ax.set_title(f"latency CDF, one at a time, {where}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    if engines:  # eight lines: below the panel, where they hide none of them
+    if engines or cri:  # up to ten lines: below the panel, where they hide none of them
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=7.5)
     else:
         ax.legend(loc="best", fontsize=9)

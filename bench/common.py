@@ -32,10 +32,11 @@ class Counts:
     warm_containers: int  # containers started one by one to time their warm-up
     engine_fast: int  # warmexec execs on the Docker container (latency and CPU)
     engine_slow: int  # the same for docker exec and ctr exec each (0: no engine part)
+    cri: int  # CRI ExecSyncs through warmexec cri and containerd each (0: no CRI part)
 
 
-FULL = Counts(2000, 300, 20, 3000, 240, 2000, 200, (1, 100, 500), 500, 4.0, 20, 1000, 200)
-QUICK = Counts(200, 30, 10, 300, 24, 500, 30, (1, 20), 200, 1.0, 5, 200, 20)
+FULL = Counts(2000, 300, 20, 3000, 240, 2000, 200, (1, 100, 500), 500, 4.0, 20, 1000, 200, 300)
+QUICK = Counts(200, 30, 10, 300, 24, 500, 30, (1, 20), 200, 1.0, 5, 200, 20, 20)
 
 
 class Failures:

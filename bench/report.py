@@ -132,6 +132,42 @@ def print_engines(eng: dict) -> None:
         print(f"note: {note}")
 
 
+def print_cri(cri: dict) -> None:
+    if "latency" not in cri:
+        what = f"failed: {cri['error']}" if cri.get("error") else f"skipped: {cri.get('skipped')}"
+        print(f"\nCRI ExecSync (warmexec cri, containerd): {what}")
+        return
+    print(f"\nCRI ExecSync of `true`, one call at a time on one container of a CRI pod (private containerd "
+          f"{cri['containerd_version']}, CRI {cri['runtime_api']}), taking turns")
+    head = "{:<18} {:>5} {:>8} {:>8} {:>8} {:>11} {:>8} {:>8}"
+    print(head.format("path", "n", "p50", "p90", "p99", "CPU ms/call", "client", "total"))
+    for m, r in cri["latency"].items():
+        c = cri["cpu"][m]
+        print(f"{m:<18} {r['n']:>5} {r['p50_ms']:>8.3f} {r['p90_ms']:>8.3f} {r['p99_ms']:>8.3f} "
+              f"{c['exec_side_ms_per_call']:>11.3f} {c['client_ms_per_call']:>8.3f} "
+              f"{c['total_ms_per_call']:>8.3f}")
+    for m, c in cri["cpu"].items():
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in c["by_part_ms_per_call"].items())
+        others = ", ".join(f"{k} {v:.3f}" for k, v in c["meanwhile_ms_per_call"].items() if v)
+        print(f"{m} CPU ms/call: {parts}" + (f"  (meanwhile, not counted: {others})" if others else ""))
+    q = cri["ratios_containerd_vs_proxy"]
+    print(f"containerd direct / warmexec cri: p50 {_ratio(q['p50'])}, p99 {_ratio(q['p99'])}, "
+          f"CPU {_ratio(q['cpu_exec_side'])} exec side, {_ratio(q['cpu_with_client'])} with the client "
+          "(issue 13's target: 10x)")
+    w = cri["warm_path"]
+    print(f"warm path: the supervisor ran {w['supervisor_execs']} execs for {w['proxy_calls']} ExecSyncs "
+          f"through warmexec cri ({w['direct_calls']} direct calls beside them): "
+          + ("ok, every proxied call answered by warmexec" if w["ok"] else "MISMATCH"))
+    print("(CPU ms/call: warmexec cri = the proxy process, the supervisor's tree and the commands;")
+    print(" containerd direct = containerd, the pod's shim and what they reaped (runc, runc init, the")
+    print(" command); client = the bench process's gRPC client)")
+    print(f"CRI part {cri['seconds']:.1f} s (containerd, image, pod, container, ours READY "
+          f"{cri['setup_s']:.1f} s, "
+          f"turns {cri['measure_s']:.1f} s, clean-up {cri['cleanup_s']:.1f} s)")
+    for note in cri.get("notes", []):
+        print(f"note: {note}")
+
+
 def print_report(doc: dict, failures: Failures) -> None:
     print_latency(doc["latency"], doc["containers"])
     print_throughput(doc["throughput"], doc.get("tput_containers"))
@@ -141,6 +177,8 @@ def print_report(doc: dict, failures: Failures) -> None:
     print_warmup(doc.get("warmup", {}))
     if doc.get("engines"):
         print_engines(doc["engines"])
+    if doc.get("cri"):
+        print_cri(doc["cri"])
     if failures.total():
         print(f"\nFAILED execs: {dict(failures.count)}", file=sys.stderr)
         for line in failures.examples:
