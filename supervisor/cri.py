@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -259,4 +260,9 @@ async def serve(listen: str, upstream: str, endpoint: str | None) -> None:
         raise SystemExit(f"warmexec cri: cannot listen on {listen}")
     await server.start()
     log.info("CRI on %s, forwarding to %s", listen, upstream)
-    await server.wait_for_termination()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # handlers only record
+        asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await server.stop(5)  # calls in flight get 5 s; the kubelet reconnects to the next one
+    await channel.close()
