@@ -172,7 +172,6 @@ class Served:
         self.init_pidfd = init_pidfd
         self.own = Worker(info.id, DEFAULT, emit)  # its own worker, restarted when it dies
         self.workers: dict[Profile, Worker] = {DEFAULT: self.own}  # the others come and go
-        self.started = time.monotonic()
         self.restarts = 0
         self.hopeless = False  # its own worker lacked privileges: FATAL at once
         self.oom_seen = oom_kills(info)
