@@ -42,8 +42,8 @@ from collections.abc import Callable
 
 import psutil
 
-from bench.common import BenchError, Counts, Failures, percentile, ratio
-from bench.engines import PERCENTILES, REAPED, TURN, take_turns
+from bench.common import BenchError, Counts, Failures, ratio
+from bench.engines import REAPED, TURN, cpu_per, latency_row, take_turns
 from bench.harness import SupervisorProcess, wait_for, wait_ready
 from warmexec.protocol.client import Client
 
@@ -206,27 +206,12 @@ def _tree(sup_pid: int) -> dict[str, list[psutil.Process]]:
     return tree(sup_pid)
 
 
-def _per_call(m: str, n: int, cpu: dict[str, float]) -> dict:
-    """One path's CPU in ms per call: its exec side by part, the client, the rest."""
-    ms = lambda v: round(v * 1e3 / (n or 1), 4)
-    exec_side = round(sum(cpu.get(p, 0.0) for p in EXEC_SIDE[m]) * 1e3 / (n or 1), 3)
-    client = ms(cpu.get("client", 0.0))
-    return {"calls": n, "wall_s": round(cpu.get("wall", 0.0), 3), "exec_side_ms_per_call": exec_side,
-            "client_ms_per_call": client, "total_ms_per_call": round(exec_side + client, 3),
-            "by_part_ms_per_call": {p: ms(cpu.get(p, 0.0)) for p in EXEC_SIDE[m]},
-            "meanwhile_ms_per_call": {p: ms(v) for p, v in cpu.items()
-                                      if p not in (*EXEC_SIDE[m], "wall", "client", "vanished", "cli")},
-            "vanished": int(cpu.get("vanished", 0))}
-
-
 def summarize(samples: dict[str, list[int]], cpu: dict[str, dict[str, float]]) -> dict:
     """Latency percentiles, CPU per call by part, containerd's as a multiple of the proxy's."""
     latency, per_call = {}, {}
     for m, ns in samples.items():
-        s = sorted(ns)
-        latency[m] = {"n": len(s), **{f"p{q:g}_ms": round(percentile(s, q), 3) for q in PERCENTILES},
-                      "mean_ms": round(sum(s) / len(s) / 1e6, 3) if s else None}
-        per_call[m] = _per_call(m, len(s), cpu[m])
+        latency[m] = latency_row(ns)
+        per_call[m] = cpu_per("call", EXEC_SIDE[m], len(ns), cpu[m])
     d, p = latency[DIRECT], latency[PROXY]
     cd, cp = per_call[DIRECT], per_call[PROXY]
     ratios = {"p50": ratio(d["p50_ms"], p["p50_ms"], 2), "p90": ratio(d["p90_ms"], p["p90_ms"], 2),

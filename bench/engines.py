@@ -187,27 +187,32 @@ def take_turns(execs: dict[str, Callable[[], None]], counts: dict[str, int], tur
     return samples, cpu
 
 
-def _per_exec(m: str, n: int, cpu: dict[str, float]) -> dict:
-    """One method's CPU in ms per exec: its exec side by part, the client, the rest."""
+def cpu_per(unit: str, exec_side_parts: tuple[str, ...], n: int, cpu: dict[str, float]) -> dict:
+    """One method's CPU in ms per unit ("exec", "call"): its exec side by part, the
+    client, and what else ran meanwhile."""
     ms = lambda v: round(v * 1e3 / (n or 1), 4)
-    exec_side = round(sum(cpu.get(p, 0.0) for p in EXEC_SIDE[m]) * 1e3 / (n or 1), 3)
+    exec_side = round(sum(cpu.get(p, 0.0) for p in exec_side_parts) * 1e3 / (n or 1), 3)
     client = ms(cpu.get("client", 0.0))
-    return {"execs": n, "wall_s": round(cpu.get("wall", 0.0), 3), "exec_side_ms_per_exec": exec_side,
-            "client_ms_per_exec": client, "total_ms_per_exec": round(exec_side + client, 3),
-            "by_part_ms_per_exec": {p: ms(cpu.get(p, 0.0)) for p in EXEC_SIDE[m]},
-            "meanwhile_ms_per_exec": {p: ms(v) for p, v in cpu.items()
-                                      if p not in (*EXEC_SIDE[m], "wall", "client", "vanished", "cli")},
+    return {f"{unit}s": n, "wall_s": round(cpu.get("wall", 0.0), 3), f"exec_side_ms_per_{unit}": exec_side,
+            f"client_ms_per_{unit}": client, f"total_ms_per_{unit}": round(exec_side + client, 3),
+            f"by_part_ms_per_{unit}": {p: ms(cpu.get(p, 0.0)) for p in exec_side_parts},
+            f"meanwhile_ms_per_{unit}": {p: ms(v) for p, v in cpu.items()
+                                         if p not in (*exec_side_parts, "wall", "client", "vanished", "cli")},
             "vanished": int(cpu.get("vanished", 0))}
+
+
+def latency_row(ns: list[int]) -> dict:
+    s = sorted(ns)
+    return {"n": len(s), **{f"p{q:g}_ms": round(percentile(s, q), 3) for q in PERCENTILES},
+            "mean_ms": round(sum(s) / len(s) / 1e6, 3) if s else None}
 
 
 def summarize(samples: dict[str, list[int]], cpu: dict[str, dict[str, float]]) -> dict:
     """Latency percentiles, CPU per exec by part, and each as a multiple of warmexec's."""
     latency, per_exec = {}, {}
     for m, ns in samples.items():
-        s = sorted(ns)
-        latency[m] = {"n": len(s), **{f"p{q:g}_ms": round(percentile(s, q), 3) for q in PERCENTILES},
-                      "mean_ms": round(sum(s) / len(s) / 1e6, 3) if s else None}
-        per_exec[m] = _per_exec(m, len(s), cpu[m])
+        latency[m] = latency_row(ns)
+        per_exec[m] = cpu_per("exec", EXEC_SIDE[m], len(ns), cpu[m])
     we_lat, we_cpu = latency["warmexec"], per_exec["warmexec"]
     for row in latency.values():
         row["p50_vs_warmexec"] = ratio(row["p50_ms"], we_lat["p50_ms"], 2)
