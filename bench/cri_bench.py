@@ -43,7 +43,7 @@ from collections.abc import Callable
 import psutil
 
 from bench.common import BenchError, Counts, Failures, ratio
-from bench.engines import REAPED, TURN, cpu_per, latency_row, take_turns
+from bench.engines import REAPED, TURN, cpu_per, latency_row, measured, take_turns
 from bench.harness import SupervisorProcess, wait_for, wait_ready
 from warmexec.protocol.client import Client
 
@@ -71,17 +71,7 @@ def measure_cri(workdir: str, c: Counts, failures: Failures) -> dict:
         return {"skipped": f"no private containerd with CRI on this host: {str(exc)[:1500]}",
                 "seconds": round(time.monotonic() - t0, 1)}
     out: dict = {"notes": [], "timings_s": {k: round(v, 2) for k, v in box.timings.items()}}
-    try:
-        _measure(box, workdir, c, failures, out, t0)
-    except (BenchError, RuntimeError, OSError, subprocess.SubprocessError, psutil.Error) as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        out["containerd_log"] = box.log_tail(1500)
-    finally:
-        t1 = time.monotonic()
-        box.cleanup()
-        out["cleanup_s"] = round(time.monotonic() - t1, 1)
-    out["seconds"] = round(time.monotonic() - t0, 1)
-    return out
+    return measured(box, lambda: _measure(box, workdir, c, failures, out, t0), out, "containerd_log", t0)
 
 
 def execs_run(sup: SupervisorProcess) -> float:

@@ -77,11 +77,17 @@ def measure_engines(workdir: str, c: Counts, failures: Failures) -> dict:
         return {"skipped": f"no private dockerd on this host: {exc}",
                 "seconds": round(time.monotonic() - t0, 1)}
     out: dict = {"notes": []}
+    return measured(box, lambda: _measure(box, workdir, c, failures, out, t0), out, "dockerd_log", t0)
+
+
+def measured(box, measure: Callable[[], None], out: dict, log_key: str, t0: float) -> dict:
+    """Run measure() on a started engine box: a failure is recorded in out with the
+    daemon's log tail (the bench goes on); the box is cleaned up whatever happens."""
     try:
-        _measure(box, workdir, c, failures, out, t0)
+        measure()
     except (BenchError, RuntimeError, OSError, subprocess.SubprocessError, psutil.Error) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
-        out["dockerd_log"] = box.log_tail(1500)
+        out[log_key] = box.log_tail(1500)
     finally:
         t1 = time.monotonic()
         box.cleanup()
