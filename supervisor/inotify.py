@@ -41,6 +41,7 @@ class Watcher:
         self.fd = fd
         self.paths: dict[str, int] = {}
         self.wds: dict[int, str] = {}
+        self.dropped: set[int] = set()  # removed by us: their IN_IGNORED is no news
 
     def watch(self, path: str, mask: int) -> None:
         if path in self.paths:
@@ -49,6 +50,14 @@ class Watcher:
         if wd >= 0:  # a directory that vanished meanwhile is simply not watched
             self.paths[path] = wd
             self.wds[wd] = path
+
+    def unwatch(self, path: str) -> None:
+        """Stop watching path (its IN_IGNORED, which follows, is not reported)."""
+        wd = self.paths.pop(path, None)
+        if wd is not None:
+            del self.wds[wd]
+            self.dropped.add(wd)
+            _libc.inotify_rm_watch(self.fd, wd)
 
     def drain(self) -> list[tuple[str, int, str]]:
         """Read every pending event; return (watched directory, mask, file name) of each."""
@@ -65,6 +74,10 @@ class Watcher:
                 length = int.from_bytes(data[offset + 12:offset + 16], "little")
                 name = data[offset + _HEADER:offset + _HEADER + length].rstrip(b"\0").decode(errors="replace")
                 offset += _HEADER + length
+                if wd in self.dropped:
+                    if mask & IN_IGNORED:
+                        self.dropped.discard(wd)
+                    continue
                 events.append((self.wds.get(wd, ""), mask, name))
                 if mask & IN_IGNORED:  # the watched directory is gone
                     self.paths.pop(self.wds.pop(wd, ""), None)

@@ -124,10 +124,15 @@ def stat_fields(pid: int | None) -> list[bytes]:
     """/proc/PID/stat's fields after the command name (state first, then ppid, pgrp,
     ...; field 3 of proc(5) is index 0); [] if the process is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b") ", 1)[1].split()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:  # plain fd I/O: a file object costs five system calls more
+        return os.read(fd, 4096).rsplit(b") ", 1)[1].split()
     except (OSError, IndexError):
         return []
+    finally:
+        os.close(fd)
 
 
 def _parent(pid: int) -> int | None:

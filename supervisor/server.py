@@ -166,12 +166,22 @@ class Supervisor:
             for root in discovery.expand_roots(self.cfg.runc_roots):
                 self.watcher.watch(root, inotify.ROOT_EVENTS)
                 for cid, directory in discovery.scan(root).items():
-                    self.watcher.watch(directory, inotify.DIR_EVENTS)
+                    if cid not in self.table.containers:  # watched before its state is read
+                        self.watcher.watch(directory, inotify.DIR_EVENTS)
                     seen.setdefault(cid, (root, directory))
         except discovery.DiscoveryError as exc:
             log.error("rescan skipped, containers kept as they are: %s", exc)
             return
         self.table.sync_discovered(seen)
+        # A served container's directory is not watched: its end is seen through its
+        # init's pidfd, its deletion or a new one of its id in its root's events (a
+        # runtime starts no new init under an existing state directory), and every `runc
+        # exec` into it (docker exec, ctr exec, the kubelet's probes) writes and deletes
+        # a file there, which would wake the loop for nothing. Once it is let go of, the
+        # next rescan watches its directory again, if it is still there.
+        for cid, (_, directory) in seen.items():
+            if cid in self.table.containers:
+                self.watcher.unwatch(directory)
 
     def _periodic_rescan(self) -> None:
         """A safety net under inotify (and what finds roots created later)."""

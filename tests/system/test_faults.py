@@ -313,3 +313,45 @@ def test_zygote_killed_takes_no_worker_and_a_new_one_forks_the_next(box, tmp_pat
         box.delete(cid)
         if later:
             box.delete(later)
+
+
+def _loop_wakeups(pid: int) -> int:
+    """How often the supervisor's loop thread (its main thread) has slept and woken."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def _watched_inodes(pid: int) -> set[int]:
+    """Inodes the supervisor's inotify descriptor watches (its fdinfo lists each)."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith("inotify wd:"):
+                        found.add(int(line.split("ino:")[1].split()[0], 16))
+        except OSError:
+            continue
+    return found
+
+
+def test_runc_exec_into_a_served_container_does_not_wake_the_supervisor(box, client, supervisor):
+    """Every `runc exec` (docker exec, ctr exec, the kubelet's probes) writes and deletes
+    a file in its container's state directory: a served container's directory is not
+    watched, so other tools' execs cost the supervisor nothing; its root still is."""
+    cid = box.run("foreign")
+    try:
+        wait_ready(client, cid)
+        pid = supervisor.proc.pid
+        watched = _watched_inodes(pid)
+        assert os.stat(box.root).st_ino in watched
+        assert os.stat(os.path.join(box.root, cid)).st_ino not in watched
+        before = _loop_wakeups(pid)
+        for _ in range(20):
+            assert box.exec(cid, ["true"]).returncode == 0
+        woke = _loop_wakeups(pid) - before
+        assert woke < 10, f"20 runc execs woke the supervisor's loop {woke} times"
+        assert client.exec(cid, ["true"])["exit_code"] == 0
+    finally:
+        box.delete(cid)
+    wait_for(lambda: _row(client, cid) is None, 5, "the deleted container to be dropped")

@@ -168,6 +168,9 @@ def fuzz(supervisor, client, container):
     for user in KNOWN_USERS:
         for privileged in (False, True):
             assert client.exec(container, ["true"], user=user, privileged=privileged)["exit_code"] == 0
+    # A reply over SMALL_REPLY goes zero-copy, and the first one starts pyzmq's garbage
+    # collector thread (its own context: two epolls, five eventfds): baseline, not growth.
+    assert len(client.exec(container, ["head", "-c", "65536", "/dev/zero"])["stdout"]) == 65536
     # The largest frames the strategies make, too: the allocator's working size is part
     # of the baseline, not growth.
     base = {"v": 1, "op": "exec", "container": container, "argv": ["true"]}

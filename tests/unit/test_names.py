@@ -101,3 +101,27 @@ def test_an_exec_by_another_tool_into_a_served_container_makes_no_rescan():
     assert inotify.needs_rescan([("/run/runc/c1", inotify.IN_DELETE_SELF, "")], live, files)
     assert inotify.needs_rescan([("/run/runc", inotify.IN_CREATE, "c3")], live, files)
     assert inotify.needs_rescan([("/run/runc/c1", inotify.IN_MOVED_TO, "state.json")], lambda c: False, files)
+
+
+def test_an_unwatched_directory_reports_nothing_not_even_its_ignored_event(tmp_path):
+    """A served container's directory is unwatched: neither its later events nor the
+    IN_IGNORED that inotify_rm_watch queues may look like news (a rescan each)."""
+    from warmexec.supervisor import inotify
+
+    root, served = tmp_path / "root", tmp_path / "root" / "c1"
+    served.mkdir(parents=True)
+    w = inotify.Watcher()
+    try:
+        w.watch(str(root), inotify.ROOT_EVENTS)
+        w.watch(str(served), inotify.DIR_EVENTS)
+        w.unwatch(str(served))
+        (served / "runc.Z7Vs3x").write_bytes(b"{}")
+        (served / "runc.Z7Vs3x").unlink()
+        assert w.drain() == []
+        (root / "c2").mkdir()  # the root is still watched
+        assert [(p, name) for p, _, name in w.drain()] == [(str(root), "c2")]
+        w.watch(str(served), inotify.DIR_EVENTS)  # let go of: watched again
+        (served / "state.json").write_bytes(b"{}")
+        assert [(p, name) for p, _, name in w.drain()] == [(str(served), "state.json")]
+    finally:
+        w.close()
