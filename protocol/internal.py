@@ -13,9 +13,11 @@ forked          zygote -> supervisor tag, pid, error                            
 join            supervisor -> joiner spec, user, privileged                      -
 ready           joiner -> supervisor pid, uid, gid                               pidfd
 fatal           joiner -> supervisor code, errno, message                        -
-spawn           supervisor -> worker id, argv, env, cwd, capture, stdin,         stdin
-                                     announce, ack
+spawn           supervisor -> worker id, argv, env, cwd, capture, stdin,         stdin,
+                                     announce, ack; streamed execs only:         stdout,
+                                     streams, tty                                stderr
 ack             supervisor -> worker ack                                         -
+resize          supervisor -> worker id, rows, cols (a tty exec's window)        -
 started         worker -> supervisor id, pid, started_at                         pidfd
 failed          worker -> supervisor id, errno, stage                            -
 out             worker -> supervisor id, stream, data                            -
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 FORK, FORKED = "fork", "forked"
 JOIN, READY, FATAL = "join", "ready", "fatal"
-SPAWN, ACK = "spawn", "ack"
+SPAWN, ACK, RESIZE = "spawn", "ack", "resize"
 STARTED, FAILED, OUT, EXITED = "started", "failed", "out", "exited"
 
 NONE = type(None)
@@ -48,6 +50,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     SPAWN: {"id": int, "argv": list, "env": dict, "cwd": (str, NONE), "capture": int, "stdin": bool,
             "announce": bool, "ack": int},
     ACK: {"ack": int},
+    RESIZE: {"id": int, "rows": int, "cols": int},
     STARTED: {"id": int, "pid": int, "started_at": float},
     FAILED: {"id": int, "errno": int, "stage": str},
     OUT: {"id": int, "stream": int, "data": bytes},
@@ -55,6 +58,13 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
              "pid": int, "started_at": float, "stdout": bytes, "stderr": bytes,
              "stdout_total": int, "stderr_total": int},
 }
+
+#: Fields a message may carry beyond its schema's: a streamed exec's spawn alone has
+#: them, so the one-shot spawn stays as it was. ``streams``: the command's stdout and
+#: stderr pipes follow stdin among the descriptors (the supervisor reads them itself);
+#: ``tty`` ({rows, cols}): the worker gives the command a terminal of the container's
+#: devpts and relays it to those pipes.
+OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {SPAWN: {"streams": bool, "tty": dict}}
 
 #: What the supervisor accepts on a worker's socket: the joiner's two, then the worker's.
 FROM_JOINER = frozenset((READY, FATAL))
@@ -73,7 +83,11 @@ def check(msg: dict, ops: frozenset[str]) -> str:
         raise BadMessage(f"unexpected op {op!r}")
     fields = SCHEMA[op]
     if len(msg) != len(fields) + 1:
-        raise BadMessage(f"{op}: fields {sorted(k for k in msg if k != 'op')} are not {sorted(fields)}")
+        optional = OPTIONAL.get(op, {})
+        extra = {k: optional.get(k) for k in msg if k != "op" and k not in fields}
+        if None in extra.values() or len(msg) != len(fields) + len(extra) + 1:
+            raise BadMessage(f"{op}: fields {sorted(k for k in msg if k != 'op')} are not {sorted(fields)}")
+        fields = {**fields, **extra}
     for name, kind in fields.items():
         value = msg.get(name)
         if not isinstance(value, kind) or (value is True or value is False) and kind is not bool:
@@ -103,13 +117,20 @@ def fatal(code: str, errno: int, message: str) -> dict:
 
 
 def spawn(id: int, argv: list[str], env: dict[str, str], cwd: str | None, capture: int, stdin: bool,
-          announce: bool, ack: int) -> dict:
-    return {"op": SPAWN, "id": id, "argv": argv, "env": env, "cwd": cwd, "capture": capture,
-            "stdin": stdin, "announce": announce, "ack": ack}
+          announce: bool, ack: int, **streamed: object) -> dict:
+    """streamed: ``streams`` and ``tty`` (OPTIONAL), only for a streamed exec."""
+    msg = {"op": SPAWN, "id": id, "argv": argv, "env": env, "cwd": cwd, "capture": capture,
+           "stdin": stdin, "announce": announce, "ack": ack}
+    msg.update(streamed)
+    return msg
 
 
 def ack(seq: int) -> dict:
     return {"op": ACK, "ack": seq}
+
+
+def resize(id: int, rows: int, cols: int) -> dict:
+    return {"op": RESIZE, "id": id, "rows": rows, "cols": cols}
 
 
 def started(id: int, pid: int, started_at: float) -> dict:
