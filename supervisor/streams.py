@@ -114,9 +114,7 @@ class Streams:
                 os.close(fd)
             self.close(st)
             raise
-        for fd in st.outputs:
-            self._watch(st, fd)
-        fields: dict = {"streams": True}
+        fields: dict = {"streams": True}  # its pipes are read once it has started (its first event)
         if st.opts.tty:
             fields["tty"] = {"rows": st.opts.rows, "cols": st.opts.cols}
         return fds, fields
@@ -128,6 +126,7 @@ class Streams:
             self._send(st, wire.started(st.req_id, ex.exec_id, ex.pid, ex.container_pid), st.envelope
                        or ex.envelope)
         st.started_sent = True
+        self._pump(st)
 
     def exited(self, st: Stream, final: Callable[[], None]) -> None:
         """The command exited: its exit goes out (final) once its pipes are read empty."""
