@@ -170,15 +170,6 @@ class ExecPath:
         container = self.streams.container_of(req.exec_id)
         if container is not None and not may_see(container):
             raise WarmexecError(errors.FORBIDDEN, f"not allowed to exec into {container}")
-        st = self.streams.live.get(req.exec_id)
-        if req.op == "resize" and st is not None:
-            st.heard = time.monotonic()
-            if st.opts.tty and st.ex.worker is not None and st.ex.exec_id in st.ex.worker.inflight:
-                try:
-                    self.table.send(st.ex.worker, internal.resize(st.ex.exec_id, req.rows, req.cols))
-                except OSError:
-                    pass  # its loss answers the exec
-            return messages.ok_reply(req_id, exec_id=req.exec_id)
         return self.streams.request(envelope, req_id, req)
 
     # ---- from the worker -------------------------------------------------------------

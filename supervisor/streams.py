@@ -114,10 +114,7 @@ class Streams:
                 os.close(fd)
             self.close(st)
             raise
-        fields: dict = {"streams": True}  # its pipes are read once it has started (its first event)
-        if st.opts.tty:
-            fields["tty"] = {"rows": st.opts.rows, "cols": st.opts.cols}
-        return fds, fields
+        return fds, {"streams": True}  # its pipes are read once it has started (its first event)
 
     def started(self, st: Stream) -> None:
         ex = st.ex
@@ -295,7 +292,7 @@ class Streams:
             st.ex.envelope = envelope
             self._pump(st)
             return messages.ok_reply(req_id, event="attached", exec_id=req.exec_id)
-        raise WarmexecError(errors.BAD_REQUEST, f"{req.op} is not for streams")  # resize, signal: execpath
+        raise WarmexecError(errors.BAD_REQUEST, f"{req.op}: exec {req.exec_id} has no terminal")  # resize
 
     def container_of(self, exec_id: int) -> str | None:
         st = self.live.get(exec_id)

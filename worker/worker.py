@@ -44,7 +44,7 @@ import stat
 import time
 
 from ..protocol import internal, ipc
-from . import creds, linux, stream
+from . import creds, linux
 
 CHUNK = 96 * 1024  # output per message: well under a socketpair's default send buffer
 ANNOUNCE_AFTER = 0.002  # seconds a command runs before an unasked-for "started" is sent
@@ -176,15 +176,11 @@ class ExecLoop:
 
     def spawn_streamed(self, msg: dict, fds: list[int]) -> None:
         """A streamed exec: its stdio are the supervisor's pipes (stdin, if any, then
-        stdout and stderr), which the supervisor reads and writes itself; with ``tty``,
-        a terminal of the container's devpts relayed to them (stream.py)."""
+        stdout and stderr), which the supervisor reads and writes itself."""
         path, env = self.prepare(msg)
         if path is None:
             return
-        stdio = [fds[0] if msg["stdin"] else 0, fds[-2], fds[-1]]
-        if msg.get("tty") is not None:
-            return stream.spawn_tty(self, msg, path, env, stdio)
-        self.launch(msg, path, env, stdio, [])
+        self.launch(msg, path, env, [fds[0] if msg["stdin"] else 0, fds[-2], fds[-1]], [])
 
     def spawn(self, msg: dict, stdin: int) -> None:
         exec_id = msg["id"]
@@ -219,7 +215,7 @@ class ExecLoop:
                     os.close(fd)
 
     def launch(self, msg: dict, path: str, env: dict, child_fds: list[int], outputs: list[Output],
-               spare: int = -2, tty: int = -1) -> Child | None:
+               spare: int = -2) -> Child | None:
         """Start the command on child_fds and track it (outputs: the pipes we read).
         spare: a descriptor held for its pidfd (-2: take one now)."""
         exec_id = msg["id"]
@@ -229,7 +225,7 @@ class ExecLoop:
             except OSError as exc:
                 return self.fail(exec_id, exc.errno, "pipe")
         try:
-            pid = self.start(path, msg["argv"], env, child_fds, tty)
+            pid = self.start(path, msg["argv"], env, child_fds)
         except OSError as exc:
             for fd in [*(o.fd for o in outputs), spare]:
                 if fd >= 0:
@@ -265,18 +261,16 @@ class ExecLoop:
             del self.unannounced[exec_id]
             self.announce(child)
 
-    def start(self, path: str, argv: list[str], env: dict, fds: list[int], tty: int = -1) -> int:
-        if self.deferred or tty >= 0:
-            return self.fork_exec(path, argv, env, fds, tty)
+    def start(self, path: str, argv: list[str], env: dict, fds: list[int]) -> int:
+        if self.deferred:
+            return self.fork_exec(path, argv, env, fds)
         return os.posix_spawn(path, argv, env,  # fds already in place are ours, inheritable
                               file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)
                                             if fd != i],
                               setsid=True, setsigdef=self.sigdef, setsigmask=())
 
-    def fork_exec(self, path: str, argv: list[str], env: dict, fds: list[int], tty: int = -1) -> int:
-        """Fork-per-exec for profiles whose rlimits the worker must not take itself, and
-        for a command on a terminal (tty: its side, made the new session's controlling
-        terminal before it becomes stdio)."""
+    def fork_exec(self, path: str, argv: list[str], env: dict, fds: list[int]) -> int:
+        """Fork-per-exec for profiles whose rlimits the worker must not take itself."""
         rd, wr = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
@@ -284,8 +278,6 @@ class ExecLoop:
             try:
                 os.close(rd)
                 os.setsid()
-                if tty >= 0:
-                    stream.set_controlling_tty(tty)
                 for i, fd in enumerate(fds):
                     os.dup2(fd, i)
                 for s in self.sigdef:

@@ -16,7 +16,6 @@ SAMPLES = {
     internal.FATAL: internal.fatal("", 1, "no"),
     internal.SPAWN: internal.spawn(1, ["true"], {}, None, 0, False, False, 0),
     internal.ACK: internal.ack(3),
-    internal.RESIZE: internal.resize(1, 24, 80),
     internal.STARTED: internal.started(1, 7, 1.5),
     internal.FAILED: internal.failed(1, 2, "lookup"),
     internal.OUT: internal.out(1, 1, b"x"),
@@ -44,8 +43,8 @@ def test_constructor_arguments_are_the_schema_fields() -> None:
 def test_a_streamed_spawn_carries_its_optional_fields_and_nothing_else() -> None:
     ops = frozenset((internal.SPAWN,))
     one_shot = internal.spawn(1, ["true"], {}, None, 0, False, False, 0)
-    assert "streams" not in one_shot and "tty" not in one_shot  # the probes' spawn is as it was
-    streamed = internal.spawn(1, ["sh"], {}, None, 0, True, True, 0, streams=True, tty={"rows": 2})
+    assert "streams" not in one_shot  # the probes' spawn is as it was
+    streamed = internal.spawn(1, ["sh"], {}, None, 0, True, True, 0, streams=True)
     assert internal.check(streamed, ops) == internal.SPAWN
     with pytest.raises(internal.BadMessage):
         internal.check({**streamed, "streams": 1}, ops)  # typed like the rest
