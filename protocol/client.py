@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import deque
 from typing import Any
 
 import zmq
@@ -24,6 +25,8 @@ import zmq.auth
 from . import codec, errors
 from .errors import WarmexecError
 from .messages import VERSION
+from .stream_client import ExecStream
+from .streams import DEFAULT_WINDOW
 
 DEFAULT_ENDPOINT = "ipc:///run/warmexec/warmexec.sock"
 LIVENESS = 5.0  # seconds without a reply before the supervisor is pinged
@@ -58,6 +61,7 @@ class Client:
         self._ids = itertools.count(1)
         self._replies: dict[Any, dict] = {}
         self._pending: set[Any] = set()  # submitted, reply not yet taken or given up
+        self._streams: dict[Any, deque] = {}  # a streamed exec's request id -> its messages
 
     def __enter__(self) -> Client:
         return self
@@ -69,10 +73,13 @@ class Client:
         self.sock.close(linger=0)
 
     # ---- requests ----------------------------------------------------------------
-    def submit(self, op: str, **fields: Any) -> int:
+    def submit(self, op: str, _stream: bool = False, **fields: Any) -> int:
         """Send a request; return its id. A request over the supervisor's frame limit is
-        refused here: ZeroMQ would drop it unanswered (and cut the connection)."""
+        refused here: ZeroMQ would drop it unanswered (and cut the connection).
+        _stream: its replies are a stream's messages (stream_client.py)."""
         req_id = next(self._ids)
+        if _stream:
+            self._streams[req_id] = deque()
         msg = {"v": VERSION, "id": req_id, "op": op}
         msg.update({k: v for k, v in fields.items() if v is not None})
         data = codec.pack(msg)
@@ -108,6 +115,43 @@ class Client:
         # margin more, never forever. Without one, wait while the supervisor lives.
         return self.result(rid, None if timeout is None else timeout + REPLY_MARGIN)
 
+    def stream(self, container: str, argv: list[str], *, env: dict[str, str] | None = None,
+               cwd: str | None = None, user: str | None = None, timeout: float | None = None,
+               privileged: bool | None = None, interactive: bool = False, tty: bool = False,
+               rows: int | None = None, cols: int | None = None, detach: bool = False,
+               window: int = DEFAULT_WINDOW, grace: float | None = None) -> ExecStream:
+        """Start a streamed exec (protocol/streams.py); its events come from the
+        ExecStream. detach: the first event ("started") is the last."""
+        rid = self.submit("exec", container=container, argv=list(argv), env=env, cwd=cwd, user=user,
+                          timeout=timeout, privileged=privileged, stream=True,
+                          interactive=interactive or None, tty=tty or None, rows=rows, cols=cols,
+                          detach=detach or None, window=window, grace=grace, _stream=True)
+        s = ExecStream(self, rid, window)
+        s.detached = detach
+        return s
+
+    def reattach(self, exec_id: int, window: int = DEFAULT_WINDOW) -> ExecStream:
+        """Take up a detached exec's stream (its output from now on, and its exit)."""
+        rid = self.submit("reattach", exec_id=exec_id, window=window, _stream=True)
+        s = ExecStream(self, rid, window)
+        s.exec_id = exec_id
+        return s
+
+    def inspect(self, exec_id: int) -> dict:
+        return self.call("inspect", exec_id=exec_id)
+
+    def kill(self, exec_id: int, sig: int | str = "KILL", group: bool = False) -> dict:
+        return self.call("signal", exec_id=exec_id, signal=sig, group=group or None)
+
+    def notify(self, op: str, **fields: Any) -> None:
+        """A request no reply is expected to (a stream's credit and heartbeat)."""
+        msg = {"v": VERSION, "id": None, "op": op}
+        msg.update({k: v for k, v in fields.items() if v is not None})
+        try:
+            self.sock.send(codec.pack(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the heartbeat after it says the same
+
     def ping(self, timeout: float = 5.0) -> dict:
         return self.call("ping", timeout)
 
@@ -131,9 +175,27 @@ class Client:
         except zmq.Again:
             return None
         msg = codec.unpack_map(data)
-        if msg.get("id") in self._pending:  # a reply we stopped waiting for is dropped
+        queue = self._streams.get(msg.get("id"))
+        if queue is not None:
+            queue.append(msg)
+        elif msg.get("id") in self._pending:  # a reply we stopped waiting for is dropped
             self._replies[msg.get("id")] = msg
         return msg
+
+    def _wait_any(self, wait: float, fds: list[int] = ()) -> None:
+        """Wait up to wait seconds for messages (taking all there are) or for one of
+        fds to turn readable."""
+        if fds:
+            poller = zmq.Poller()
+            poller.register(self.sock, zmq.POLLIN)
+            for fd in fds:
+                poller.register(fd, zmq.POLLIN)
+            if not poller.poll(int(wait * 1000)):
+                return
+        elif self._recv(wait) is None:
+            return
+        while self._recv(0) is not None:
+            pass
 
     def _wait(self, req_id: Any, timeout: float | None) -> dict:
         end = None if timeout is None else time.monotonic() + timeout

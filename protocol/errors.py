@@ -20,6 +20,8 @@ WORKER_UNAVAILABLE = "WORKER_UNAVAILABLE"  # the container's namespaces cannot b
 EXISTS = "EXISTS"  # attach of a name already in use
 TIMEOUT = "TIMEOUT"  # no reply / no worker in time (a command's own timeout is timed_out)
 UNREACHABLE = "UNREACHABLE"  # client side: the supervisor does not answer
+NO_SUCH_EXEC = "NO_SUCH_EXEC"  # a streamed exec's id that names no running (or kept) exec
+CLIENT_GONE = "CLIENT_GONE"  # a streamed exec's client was silent for its grace: killed
 SHUTTING_DOWN = "SHUTTING_DOWN"
 INTERNAL = "INTERNAL"
 

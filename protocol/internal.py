@@ -13,8 +13,9 @@ forked          zygote -> supervisor tag, pid, error                            
 join            supervisor -> joiner spec, user, privileged                      -
 ready           joiner -> supervisor pid, uid, gid                               pidfd
 fatal           joiner -> supervisor code, errno, message                        -
-spawn           supervisor -> worker id, argv, env, cwd, capture, stdin,         stdin
-                                     announce, ack
+spawn           supervisor -> worker id, argv, env, cwd, capture, stdin,         stdin,
+                                     announce, ack; streamed execs only:         stdout,
+                                     streams                                     stderr
 ack             supervisor -> worker ack                                         -
 started         worker -> supervisor id, pid, started_at                         pidfd
 failed          worker -> supervisor id, errno, stage                            -
@@ -56,6 +57,11 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
              "stdout_total": int, "stderr_total": int},
 }
 
+#: Fields a message may carry beyond its schema's: a streamed exec's spawn alone has
+#: them, so the one-shot spawn stays as it was. ``streams``: the command's stdout and
+#: stderr pipes follow stdin among the descriptors (the supervisor reads them itself).
+OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {SPAWN: {"streams": bool}}
+
 #: What the supervisor accepts on a worker's socket: the joiner's two, then the worker's.
 FROM_JOINER = frozenset((READY, FATAL))
 FROM_WORKER = frozenset((STARTED, FAILED, OUT, EXITED))
@@ -73,7 +79,11 @@ def check(msg: dict, ops: frozenset[str]) -> str:
         raise BadMessage(f"unexpected op {op!r}")
     fields = SCHEMA[op]
     if len(msg) != len(fields) + 1:
-        raise BadMessage(f"{op}: fields {sorted(k for k in msg if k != 'op')} are not {sorted(fields)}")
+        optional = OPTIONAL.get(op, {})
+        extra = {k: optional.get(k) for k in msg if k != "op" and k not in fields}
+        if None in extra.values() or len(msg) != len(fields) + len(extra) + 1:
+            raise BadMessage(f"{op}: fields {sorted(k for k in msg if k != 'op')} are not {sorted(fields)}")
+        fields = {**fields, **extra}
     for name, kind in fields.items():
         value = msg.get(name)
         if not isinstance(value, kind) or (value is True or value is False) and kind is not bool:
@@ -103,9 +113,12 @@ def fatal(code: str, errno: int, message: str) -> dict:
 
 
 def spawn(id: int, argv: list[str], env: dict[str, str], cwd: str | None, capture: int, stdin: bool,
-          announce: bool, ack: int) -> dict:
-    return {"op": SPAWN, "id": id, "argv": argv, "env": env, "cwd": cwd, "capture": capture,
-            "stdin": stdin, "announce": announce, "ack": ack}
+          announce: bool, ack: int, **streamed: object) -> dict:
+    """streamed: ``streams`` (OPTIONAL), only for a streamed exec."""
+    msg = {"op": SPAWN, "id": id, "argv": argv, "env": env, "cwd": cwd, "capture": capture,
+           "stdin": stdin, "announce": announce, "ack": ack}
+    msg.update(streamed)
+    return msg
 
 
 def ack(seq: int) -> dict:

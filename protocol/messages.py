@@ -20,9 +20,10 @@ from typing import Any
 
 from . import codec, errors
 from .errors import WarmexecError
+from .streams import STREAM_OPS, StreamOptions, parse_options
 
 VERSION = 1
-OPS = ("exec", "ping", "list", "attach", "detach")
+OPS = ("exec", "ping", "list", "attach", "detach", *STREAM_OPS)
 
 DEFAULT_CAPTURE = 64 * 1024
 MAX_CAPTURE = 16 << 20  # per stream: what containerd keeps of an ExecSync (CRI)
@@ -35,6 +36,7 @@ MAX_STR = 128 * 1024
 # make the supervisor hold is SNDHWM replies times this (the envelope has its own 4 KiB).
 MAX_ID = 4096  # bytes, encoded
 MAX_ID_DEPTH = 8  # arrays or maps within arrays or maps
+_STREAM_KEYS = frozenset(("stream", "interactive", "tty", "detach"))
 
 
 def _bad(message: str) -> WarmexecError:
@@ -74,6 +76,7 @@ class ExecRequest:
     stdin: bytes = b""
     capture: int = DEFAULT_CAPTURE
     privileged: bool = False
+    stream: StreamOptions | None = None  # streamed (protocol/streams.py); None: one reply
 
 
 def check_id(value: Any) -> Any:
@@ -137,8 +140,11 @@ def parse_exec(req: dict) -> ExecRequest:
     if not 0 <= capture <= MAX_CAPTURE:
         raise _bad(f"capture must be in [0, {MAX_CAPTURE}]")
     privileged = _optional(req, "privileged", bool, False)
+    stream = parse_options(req) if _STREAM_KEYS & req.keys() else None
+    if stream is not None:
+        capture = 0  # its output goes to the client as it comes
     return ExecRequest(container, argv, dict(env), cwd, user,
-                       None if timeout is None else float(timeout), stdin, capture, privileged)
+                       None if timeout is None else float(timeout), stdin, capture, privileged, stream)
 
 
 def parse_attach(req: dict) -> tuple[str, int]:

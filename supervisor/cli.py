@@ -19,6 +19,7 @@ from ..protocol import errors
 from ..protocol.client import DEFAULT_ENDPOINT, Client, default_endpoint, too_large
 from ..protocol.codec import MAX_MESSAGE
 from ..protocol.errors import BAD_REQUEST, WarmexecError
+from . import cli_stream
 
 OWN_ERROR = 125
 CANNOT_INVOKE = 126
@@ -94,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--timeout", type=float, help="kill the command's process group after S seconds")
     e.add_argument("--privileged", action="store_true", help="all capabilities")
     e.add_argument("-i", "--interactive", action="store_true", help="send our stdin to the command")
+    e.add_argument("-d", "--detach", action="store_true", help="print the exec id and pid, leave it running")
+    e.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                   help="KEY=VALUE lines, as docker's (before -e)")
+    e.add_argument("--stream", action="store_true", help="stream output (default when it is a terminal, "
+                                                         "or with -i or -d)")
+    e.add_argument("--no-stream", action="store_true", help="one request, output at exit (-i: at most 4 MiB)")
     e.add_argument("--capture", type=int, help="bytes of stdout/stderr to keep (default 64 KiB each)")
     e.add_argument("container")
     e.add_argument("command", nargs=argparse.REMAINDER)
@@ -121,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only topics starting with PREFIX (repeatable; default all)")
     ev.add_argument("--count", type=int, default=0, help="exit after this many events")
     ev.set_defaults(func=cmd_events)
+
+    cli_stream.add_commands(sub, _endpoint)
 
     pg = sub.add_parser("ping", help="check that the supervisor answers")
     _endpoint(pg)
@@ -156,9 +165,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise WarmexecError("BAD_REQUEST", "no command given")
     env = {}
+    for path in args.env_file:
+        env.update(cli_stream.parse_env_file(path))
     for item in args.env:
         key, sep, value = item.partition("=")
         env[key] = value if sep else os.environ.get(key, "")
+    if cli_stream.wants_stream(args):
+        with _client(args) as c:
+            return cli_stream.run_streamed(c, args, command, env)
     stdin = read_stdin() if args.interactive else None
     with _client(args) as c:
         r = c.exec(args.container, command, env=env or None, cwd=args.workdir, user=args.user,

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from ..protocol import errors, internal, messages
 from ..protocol.errors import WarmexecError
+from ..protocol.streams import StreamRequest
 from . import pidfds, status
 from .execs import Exec, kill_group
 from .handles import Profile, Served, Worker, oom_kills
@@ -36,6 +37,7 @@ from .hooks import Hooks
 from .lifecycle import State
 from .loop import Loop
 from .metrics import Metrics
+from .streams import Send, Streams
 
 KILL_GRACE = 1.0  # after a timeout kill, how long the worker has to report the exit
 ACK_DELAY = 0.02  # at most this long a worker keeps an exited command's zombie, idle
@@ -65,7 +67,7 @@ class WorkerSource(Protocol):
 class ExecPath:
     def __init__(self, loop: Loop, table: WorkerSource, reply: Reply, metrics: Metrics | None,
                  hooks: Hooks | None, publish: Publish | None, max_inflight: int,
-                 max_per_container: int) -> None:
+                 max_per_container: int, send_event: Send | None = None) -> None:
         self.loop = loop
         self.table = table
         self.send_reply = reply
@@ -78,6 +80,8 @@ class ExecPath:
         self.captured = 0  # what the execs in flight may keep of their output, in bytes
         # Must workers report each start at once (start hooks, the event stream)?
         self.announce = publish is not None or (hooks is not None and hooks.wants("start"))
+        # Streamed execs (streams.py): their events go out through send_event.
+        self.streams = Streams(loop, send_event, self.fail) if send_event is not None else None
 
     # ---- from request to worker ------------------------------------------------------
     def submit(self, envelope: list[bytes], req_id: Any, req: messages.ExecRequest) -> None:
@@ -94,8 +98,12 @@ class ExecPath:
         if self.captured + 2 * req.capture > CAPTURE_BUDGET:
             raise WarmexecError(errors.BUSY, "too much output could be kept for the execs in flight; "
                                              "retry later or ask for less capture")
+        if req.stream is not None and self.streams is None:
+            raise WarmexecError(errors.BAD_REQUEST, "this server does not stream")
         self.table.make_room(c, (req.user or "", req.privileged))
         ex = Exec(envelope, req_id, req)
+        if req.stream is not None:
+            self.streams.open(ex, envelope, req_id)
         self.active += 1
         self.captured += 2 * req.capture
         if ex.deadline is not None:  # cancelled when it ends: a timer must not keep it
@@ -123,12 +131,20 @@ class ExecPath:
     def spawn(self, c: Served, w: Worker, ex: Exec) -> None:
         if w.outbox.full():
             return self.fail(ex, errors.BUSY, f"the worker of {c.name} is not reading its requests")
-        stdin = ex.open_stdin()
         req = ex.req
+        if ex.stream is None:
+            stdin, streamed, announce = ex.open_stdin(), {}, self.announce
+            has_stdin = bool(stdin)
+        else:  # its stdio pipes are ours; its start is announced at once
+            try:
+                stdin, streamed = self.streams.pipes(ex.stream)
+            except OSError as exc:
+                return self.fail(ex, errors.SPAWN_FAILED, f"no pipes for the exec: {exc.strerror}")
+            has_stdin, announce = req.stream.interactive, True
         ex.dispatched = w.last_used = time.monotonic()  # before the worker can start it
         try:
             self.table.send(w, internal.spawn(ex.exec_id, req.argv, req.env, req.cwd, req.capture,
-                                              bool(stdin), self.announce, w.exit_seq), stdin)
+                                              has_stdin, announce, w.exit_seq, **streamed), stdin)
             w.acked = w.exit_seq
         except OSError as exc:
             ex.close()
@@ -145,6 +161,16 @@ class ExecPath:
         if ex.write_stdin():
             self.loop.remove(ex.stdin_fd)
             ex.close_stdin()
+
+    def stream_request(self, envelope: list[bytes], req_id: Any, req: StreamRequest,
+                       may_see: Callable[[str], bool]) -> dict | None:
+        """A request about a streamed exec (protocol/streams.py): its reply, or None."""
+        if self.streams is None:
+            raise WarmexecError(errors.BAD_REQUEST, "this server does not stream")
+        container = self.streams.container_of(req.exec_id)
+        if container is not None and not may_see(container):
+            raise WarmexecError(errors.FORBIDDEN, f"not allowed to exec into {container}")
+        return self.streams.request(envelope, req_id, req)
 
     # ---- from the worker -------------------------------------------------------------
     def worker_message(self, c: Served, w: Worker, op: str, msg: dict, pidfd: int,
@@ -195,6 +221,8 @@ class ExecPath:
         if announced:
             if ex.timed_out:  # its timeout came first: kill it now
                 self.kill_command(c, w, ex)
+            if ex.stream is not None:
+                self.streams.started(ex.stream)
             self.exec_event("start", c, ex)
 
     def on_exited(self, c: Served, w: Worker, ex: Exec, msg: dict, pidfd: int,
@@ -323,6 +351,12 @@ class ExecPath:
     def finish(self, ex: Exec, c: Served | None, reply: dict) -> None:
         if ex.done:
             return
+        st = ex.stream
+        if st is not None and reply["ok"] and not st.exited:  # its exit goes once its output is sent
+            for timer in ex.timers:
+                timer.cancel()
+            ex.timers.clear()
+            return self.streams.exited(st, lambda: self.finish(ex, c, reply))
         ex.done = True
         self.active -= 1
         self.captured -= 2 * ex.req.capture
@@ -336,6 +370,9 @@ class ExecPath:
         ex.close()
         if self.metrics is not None:  # counted before the client can read the reply
             self.metrics.finished(ex, reply)
-        self.send_reply(ex.envelope, reply)
+        if st is not None:
+            self.streams.finished(st, reply)
+        else:
+            self.send_reply(ex.envelope, reply)
         if c is not None and reply["ok"] and reply.get("pid") is not None:
             self.exec_event("exit", c, ex, reply)

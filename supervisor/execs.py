@@ -20,6 +20,7 @@ from . import status
 if TYPE_CHECKING:
     from .handles import Worker
     from .loop import Timer
+    from .streams import Stream
 
 _ids = itertools.count(1)
 PIDFD_SIGNAL_PROCESS_GROUP = 4
@@ -45,6 +46,7 @@ class Exec:
         self.timed_out = False
         self.done = False
         self.timers: list[Timer] = []  # the loop's timers for it, cancelled when it ends
+        self.stream: Stream | None = None  # a streamed exec's pipes and client (streams.py)
 
     def open_stdin(self) -> list[int]:
         """A pipe for the request's input; return the command's end ([] without input)."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from ..protocol import codec, errors, messages
+from ..protocol import codec, errors, messages, streams
 from ..protocol.errors import WarmexecError
 from . import discovery, inotify
 from .auth import EVERYTHING, Auth, Rules
@@ -81,7 +81,7 @@ class Supervisor:
         self.table = WorkerTable(self.loop, self.emit, metrics)
         self.execs = ExecPath(self.loop, self.table, self.reply, metrics, self.hooks,
                               self.events.publish if self.events else None,
-                              cfg.max_inflight, cfg.max_inflight_per_container)
+                              cfg.max_inflight, cfg.max_inflight_per_container, self.send_event)
         self.table.execs = self.execs
         if self.events is not None:
             self.loop.add(self.events.fd(), self.events.drain_subscriptions)
@@ -237,6 +237,11 @@ class Supervisor:
                 exec_req.container = self.table.canonical(exec_req.container)  # access is by id
                 rules.check_exec(exec_req)
                 self.execs.submit(envelope, req_id, exec_req)
+            elif op in streams.STREAM_OPS:
+                answer = self.execs.stream_request(envelope, req_id, streams.parse_stream(op, req),
+                                                   rules.may_see)
+                if answer is not None:
+                    self.reply(envelope, answer)
             elif op == "ping":
                 self.reply(envelope, messages.ok_reply(req_id, pid=os.getpid()))
             elif op == "list":
@@ -273,6 +278,22 @@ class Supervisor:
             self.count_error(REPLY_DROPPED)
         except zmq.ZMQError as exc:  # client gone, unroutable
             log.debug("reply dropped: %s", exc)
+
+    def send_event(self, envelope: list[bytes], msg: dict) -> bool:
+        """One message of a streamed exec, copied into ZeroMQ: False if its queue for
+        that client is full (the stream holds it and stops reading its pipes); a client
+        that is gone is sent nothing."""
+        data = codec.pack(msg)
+        send = self.router.send
+        try:
+            for frame in envelope:
+                send(frame, MORE)
+            send(data, NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            log.debug("stream message dropped: %s", exc)
+        return True
 
     def _reply_large(self, envelope: list[bytes], data: bytes) -> None:
         """Zero-copy and tracked, within the client's byte budget (ReplyBudget)."""

@@ -150,24 +150,43 @@ class ExecLoop:
         try:
             self.reap_acked(msg["ack"])
             if msg["op"] == internal.SPAWN:
-                if msg["stdin"] and not fds:  # no room for it under our fd limit
+                streamed = 2 if msg.get("streams") else 0  # stdout, stderr after stdin
+                if len(fds) < msg["stdin"] + streamed:  # no room for them under our fd limit
                     return self.fail(msg["id"], errno.EMFILE, "stdin")
+                if streamed:
+                    return self.spawn_streamed(msg, fds)
                 self.spawn(msg, fds[0] if fds else 0)  # fd 0 reads nothing
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def spawn(self, msg: dict, stdin: int) -> None:
-        exec_id = msg["id"]
+    def prepare(self, msg: dict) -> tuple[str | None, dict]:
+        """The executable's path and the env of a spawn; (None, _) once failed."""
         env = dict(self.base_env)
         env.update(msg["env"])
         try:
             os.chdir(msg["cwd"] or self.cwd)
         except OSError as exc:
-            return self.fail(exec_id, exc.errno, "cwd")
+            self.fail(msg["id"], exc.errno, "cwd")
+            return None, env
         path, err = lookup(msg["argv"][0], env.get("PATH"), self.paths)
         if path is None:
-            return self.fail(exec_id, err, "lookup")
+            self.fail(msg["id"], err, "lookup")
+        return path, env
+
+    def spawn_streamed(self, msg: dict, fds: list[int]) -> None:
+        """A streamed exec: its stdio are the supervisor's pipes (stdin, if any, then
+        stdout and stderr), which the supervisor reads and writes itself."""
+        path, env = self.prepare(msg)
+        if path is None:
+            return
+        self.launch(msg, path, env, [fds[0] if msg["stdin"] else 0, fds[-2], fds[-1]], [])
+
+    def spawn(self, msg: dict, stdin: int) -> None:
+        exec_id = msg["id"]
+        path, env = self.prepare(msg)
+        if path is None:
+            return
         capture = msg["capture"]
         outputs: list[Output] = []
         child_fds = [stdin]
@@ -189,16 +208,29 @@ class ExecLoop:
                     os.close(fd)
             return self.fail(exec_id, exc.errno, "pipe")
         try:
+            self.launch(msg, path, env, child_fds, outputs, spare)
+        finally:
+            for fd in child_fds[1:]:
+                if fd != 1:
+                    os.close(fd)
+
+    def launch(self, msg: dict, path: str, env: dict, child_fds: list[int], outputs: list[Output],
+               spare: int = -2) -> Child | None:
+        """Start the command on child_fds and track it (outputs: the pipes we read).
+        spare: a descriptor held for its pidfd (-2: take one now)."""
+        exec_id = msg["id"]
+        if spare == -2:
+            try:
+                spare = os.dup(0) if self.sigchld < 0 else -1
+            except OSError as exc:
+                return self.fail(exec_id, exc.errno, "pipe")
+        try:
             pid = self.start(path, msg["argv"], env, child_fds)
         except OSError as exc:
             for fd in [*(o.fd for o in outputs), spare]:
                 if fd >= 0:
                     os.close(fd)
             return self.fail(exec_id, exc.errno, "exec")
-        finally:
-            for fd in child_fds[1:]:
-                if fd != 1:
-                    os.close(fd)
         pidfd = -1
         if spare >= 0:
             os.close(spare)
@@ -214,6 +246,7 @@ class ExecLoop:
             self.announce(child)
         else:
             self.unannounced[exec_id] = child
+        return child
 
     def announce(self, child: Child) -> None:
         ipc.send(self.sock, internal.started(child.exec_id, child.pid, child.started_at),

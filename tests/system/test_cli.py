@@ -59,3 +59,48 @@ def test_unreachable_supervisor_is_an_error_not_a_hang(tmp_path):
     r = subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", "ping"],
                        capture_output=True, env=env, timeout=60)
     assert r.returncode == 125 and (b"UNREACHABLE" in r.stderr or b"TIMEOUT" in r.stderr)
+
+
+def test_exec_streams_in_order_and_passes_the_exit_code(supervisor, container):
+    r = cli(supervisor, "exec", "--stream", container, "--", "sh", "-c",
+            "echo a; sleep 0.1; echo b >&2; sleep 0.1; echo c; exit 4")
+    assert (r.returncode, r.stdout, r.stderr) == (4, b"a\nc\n", b"b\n")
+
+
+def test_exec_i_streams_more_than_one_request_holds(supervisor, container):
+    data = os.urandom(6 << 20)  # past the 4 MiB a one-shot request carries
+    r = cli(supervisor, "exec", "-i", container, "--", "cat", stdin=data)
+    assert r.returncode == 0 and r.stdout == data
+    r = cli(supervisor, "exec", "-i", "--no-stream", container, "--", "cat", stdin=data)
+    assert r.returncode == 125 and b"exceeds the 4 MiB limit" in r.stderr
+
+
+def test_env_file_as_docker_reads_it(supervisor, container, tmp_path):
+    path = tmp_path / "env"
+    path.write_text("# a comment\n\nA=1\n  B=two words\nFROM_OURS\nUNSET_HERE\nA=3\n")
+    env = dict(os.environ, FROM_OURS="ours")
+    env.pop("UNSET_HERE", None)
+    argv = [sys.executable, "-m", "warmexec.supervisor.cli", "exec", "--endpoint", supervisor.endpoint,
+            "--env-file", str(path), "-e", "B=flag", container, "--", "sh", "-c",
+            'echo "$A|$B|$FROM_OURS|${UNSET_HERE-unset}"']
+    r = subprocess.run(argv, capture_output=True, env=env, timeout=60)
+    assert (r.returncode, r.stdout) == (0, b"3|flag|ours|unset\n")
+    path.write_text("BAD NAME=1\n")
+    r = subprocess.run(argv, capture_output=True, env=env, timeout=60)
+    assert r.returncode == 125 and b"whitespaces" in r.stderr
+
+
+def test_detach_inspect_and_kill_from_the_command_line(supervisor, container):
+    r = cli(supervisor, "exec", "-d", container, "--", "sleep", "1000")
+    assert r.returncode == 0
+    exec_id, pid = map(int, r.stdout.split())
+    info = json.loads(cli(supervisor, "inspect", str(exec_id)).stdout)
+    assert info["running"] is True and info["pid"] == pid and info["argv"] == ["sleep", "1000"]
+    assert cli(supervisor, "kill", "-s", "TERM", str(exec_id)).returncode == 0
+    from .conftest import wait_for
+    info = wait_for(lambda: (lambda i: i if not i["running"] else None)(
+        json.loads(cli(supervisor, "inspect", str(exec_id)).stdout)), 10, "the exec to end")
+    assert info["exit_code"] == 143
+    r = cli(supervisor, "inspect", "999999999")
+    assert r.returncode == 125 and b"NO_SUCH_EXEC" in r.stderr
+

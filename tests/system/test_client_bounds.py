@@ -214,9 +214,10 @@ def test_the_client_refuses_a_request_over_the_frame_limit_at_once(supervisor, c
 
 
 def test_exec_i_with_more_stdin_than_a_request_can_carry_fails_at_once(supervisor, container):
+    """One-shot (--no-stream): -i alone streams its stdin, with no such limit (test_cli.py)."""
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", "exec", "--endpoint",
-                        supervisor.endpoint, "-i", container, "--", "wc", "-c"],
+                        supervisor.endpoint, "-i", "--no-stream", container, "--", "wc", "-c"],
                        input=b"x" * (24 * MIB), capture_output=True, timeout=20)
     took = time.monotonic() - t0
     assert r.returncode == 125 and r.stdout == b""

@@ -35,8 +35,21 @@ def test_every_op_has_a_constructor_whose_message_fits_its_schema() -> None:
 def test_constructor_arguments_are_the_schema_fields() -> None:
     names = {internal.ACK: ["seq"]}  # ack(seq) fills the field "ack"
     for op in internal.SCHEMA:
-        params = list(inspect.signature(getattr(internal, op)).parameters)
+        params = [p.name for p in inspect.signature(getattr(internal, op)).parameters.values()
+                  if p.kind != p.VAR_KEYWORD]  # spawn(**streamed): the OPTIONAL fields
         assert params == names.get(op, list(internal.SCHEMA[op])), op
+
+
+def test_a_streamed_spawn_carries_its_optional_fields_and_nothing_else() -> None:
+    ops = frozenset((internal.SPAWN,))
+    one_shot = internal.spawn(1, ["true"], {}, None, 0, False, False, 0)
+    assert "streams" not in one_shot  # the probes' spawn is as it was
+    streamed = internal.spawn(1, ["sh"], {}, None, 0, True, True, 0, streams=True)
+    assert internal.check(streamed, ops) == internal.SPAWN
+    with pytest.raises(internal.BadMessage):
+        internal.check({**streamed, "streams": 1}, ops)  # typed like the rest
+    with pytest.raises(internal.BadMessage):
+        internal.check({**one_shot, "other": True}, ops)  # only the OPTIONAL ones
 
 
 @pytest.mark.parametrize("change", [
