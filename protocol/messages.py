@@ -20,6 +20,8 @@ from typing import Any
 
 from . import codec, errors
 from .errors import WarmexecError
+from .fields import bad as _bad
+from .fields import optional as _optional
 from .streams import STREAM_OPS, StreamOptions, parse_options
 
 VERSION = 1
@@ -39,8 +41,6 @@ MAX_ID_DEPTH = 8  # arrays or maps within arrays or maps
 _STREAM_KEYS = frozenset(("stream", "interactive", "tty", "detach"))
 
 
-def _bad(message: str) -> WarmexecError:
-    return WarmexecError(errors.BAD_REQUEST, message)
 
 
 def _string(value: Any, name: str, *, empty: bool = False) -> str:
@@ -55,14 +55,6 @@ def _string(value: Any, name: str, *, empty: bool = False) -> str:
     return value
 
 
-def _optional(req: dict, key: str, kind: type | tuple, default: Any) -> Any:
-    value = req.get(key)
-    if value is None:
-        return default
-    # bool is an int subclass: True must not pass as a timeout or a capture size.
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise _bad(f"{key} has the wrong type")
-    return value
 
 
 @dataclass

@@ -32,6 +32,8 @@ from typing import Any
 
 from . import errors
 from .errors import WarmexecError
+from .fields import bad as _bad
+from .fields import optional as _field
 
 STREAM_OPS = ("credit", "stdin", "resize", "signal", "inspect", "leave", "reattach")
 
@@ -55,17 +57,8 @@ class StreamOptions:
     grace: float = DEFAULT_GRACE
 
 
-def _bad(message: str) -> WarmexecError:
-    return WarmexecError(errors.BAD_REQUEST, message)
 
 
-def _field(req: dict, key: str, kind: type | tuple, default: Any) -> Any:
-    value = req.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise _bad(f"{key} has the wrong type")
-    return value
 
 
 def _int(req: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
