@@ -52,6 +52,9 @@ class Rules:
                                              for p in self.containers)
 
     def check_exec(self, req: ExecRequest) -> None:
+        """May this key start req? Also asked of every request about a running or
+        finished streamed exec (attach, stdin, signal, inspect): what a key could not
+        have started, it may neither drive nor see."""
         if not self.may_see(req.container):
             raise WarmexecError(FORBIDDEN, f"not allowed to exec into {req.container}")
         if req.privileged and not self.privileged:

@@ -163,13 +163,14 @@ class ExecPath:
             ex.close_stdin()
 
     def stream_request(self, envelope: list[bytes], req_id: Any, req: StreamRequest,
-                       may_see: Callable[[str], bool]) -> dict | None:
-        """A request about a streamed exec (protocol/streams.py): its reply, or None."""
+                       check: Callable[[messages.ExecRequest], None]) -> dict | None:
+        """A request about a streamed exec (protocol/streams.py): its reply, or None.
+        check: the key's access rules, asked of the exec's own request."""
         if self.streams is None:
             raise WarmexecError(errors.BAD_REQUEST, "this server does not stream")
-        container = self.streams.container_of(req.exec_id)
-        if container is not None and not may_see(container):
-            raise WarmexecError(errors.FORBIDDEN, f"not allowed to exec into {container}")
+        started_as = self.streams.request_of(req.exec_id)
+        if started_as is not None:
+            check(started_as)
         return self.streams.request(envelope, req_id, req)
 
     # ---- from the worker -------------------------------------------------------------

@@ -10,19 +10,22 @@ from typing import TYPE_CHECKING, Any
 
 from ..protocol import errors, messages
 from ..protocol.errors import WarmexecError
+from ..protocol.messages import ExecRequest
 
 if TYPE_CHECKING:
     from .execs import Exec
 
 KEEP = 1000  # finished records at most
 KEEP_FOR = 3600.0  # seconds a finished record is kept
+ARGV_KEPT = 4 << 10  # characters of a recorded argv (a request's may be megabytes)
 
 
 class Records:
     def __init__(self, keep: int = KEEP, keep_for: float = KEEP_FOR) -> None:
         self.keep, self.keep_for = keep, keep_for
         self.running: dict[int, tuple[Exec, float]] = {}  # exec id -> (exec, wall-clock start)
-        self.done: OrderedDict[int, tuple[float, dict]] = OrderedDict()  # oldest first
+        # oldest first: (when, what inspect says, what its access is checked against)
+        self.done: OrderedDict[int, tuple[float, dict, ExecRequest]] = OrderedDict()
 
     def started(self, ex: Exec) -> None:
         self.running[ex.exec_id] = (ex, time.time())
@@ -36,17 +39,20 @@ class Records:
             doc.update({k: reply.get(k) for k in ("exit_code", "signal", "timed_out", "oom_killed")})
         else:
             doc.update(exit_code=None, error=reply["error"])
-        self.done[ex.exec_id] = (time.monotonic(), doc)
+        access = ExecRequest(container=ex.req.container, argv=[], user=ex.req.user,
+                             privileged=ex.req.privileged)
+        self.done[ex.exec_id] = (time.monotonic(), doc, access)
         self._trim()
 
     def finished(self, exec_id: int) -> bool:
         return exec_id in self.done
 
-    def container(self, exec_id: int) -> str | None:
+    def request(self, exec_id: int) -> ExecRequest | None:
+        """What the exec was started as (container, user, privileged): access is by it."""
         if exec_id in self.running:
-            return self.running[exec_id][0].req.container
+            return self.running[exec_id][0].req
         found = self.done.get(exec_id)
-        return found[1]["container"] if found else None
+        return found[2] if found else None
 
     def inspect(self, req_id: Any, exec_id: int) -> dict:
         self._trim()
@@ -65,9 +71,22 @@ class Records:
             self.done.popitem(last=False)
 
 
+def _bounded(argv: list[str]) -> tuple[list[str], bool]:
+    """argv's first ARGV_KEPT characters (whole arguments, the last one cut); truncated?"""
+    kept, left = [], ARGV_KEPT
+    for arg in argv:
+        if len(arg) > left:
+            kept.append(arg[:left])
+            return kept, True
+        kept.append(arg)
+        left -= len(arg)
+    return kept, False
+
+
 def _describe(ex: Exec, started_at: float | None) -> dict:
     opts = ex.req.stream
-    return {"exec_id": ex.exec_id, "container": ex.req.container, "argv": ex.req.argv,
+    argv, cut = _bounded(ex.req.argv)
+    return {"exec_id": ex.exec_id, "container": ex.req.container, "argv": argv, "argv_truncated": cut,
             "user": ex.req.user or "", "privileged": ex.req.privileged, "pid": ex.pid,
             "container_pid": ex.container_pid, "tty": bool(opts and opts.tty),
             "interactive": bool(opts and opts.interactive), "detached": ex.stream is not None

@@ -80,6 +80,24 @@ class ReplyBudget:
         self._forget_if_empty(key, peer)
         return outcome
 
+    def room_for(self, envelope: list[bytes], data: bytes) -> int:
+        """For a stream's output: the bytes data costs if it fits this client's budget
+        now (none of its replies waiting), else 0: the stream holds it and reads no more
+        until it goes. Output and large replies share the one budget."""
+        peer = self.peers.get(envelope[0])
+        size = len(data) + sum(map(len, envelope)) + TRACKED_COST
+        if peer is None:
+            return size
+        return size if not peer.waiting and self._fits(peer, size) else 0
+
+    def held(self, envelope: list[bytes], size: int, tracker: zmq.MessageTracker) -> None:
+        """A stream's output that went out tracked (room_for said it fits)."""
+        peer = self.peers.get(envelope[0])
+        if peer is None:
+            peer = self.peers[envelope[0]] = _Peer()
+        peer.sent.append((size, tracker))
+        peer.held += size
+
     def flush(self) -> float | None:
         """Release what zmq let go of, send what now fits, forget clients with nothing
         left (a client that went away is never offered a reply again). Return the

@@ -239,7 +239,7 @@ class Supervisor:
                 self.execs.submit(envelope, req_id, exec_req)
             elif op in streams.STREAM_OPS:
                 answer = self.execs.stream_request(envelope, req_id, streams.parse_stream(op, req),
-                                                   rules.may_see)
+                                                   rules.check_exec)
                 if answer is not None:
                     self.reply(envelope, answer)
             elif op == "ping":
@@ -280,19 +280,30 @@ class Supervisor:
             log.debug("reply dropped: %s", exc)
 
     def send_event(self, envelope: list[bytes], msg: dict) -> bool:
-        """One message of a streamed exec, copied into ZeroMQ: False if its queue for
-        that client is full (the stream holds it and stops reading its pipes); a client
+        """One message of a streamed exec: False if it cannot go now (ZeroMQ's queue for
+        that client is full, or the client's byte budget, which a stream's output shares
+        with large replies: the stream holds it and stops reading its pipes); a client
         that is gone is sent nothing."""
         data = codec.pack(msg)
+        large = len(data) > SMALL_REPLY
+        size = self.budget.room_for(envelope, data) if large else 0
+        if large and not size:
+            return False
         send = self.router.send
         try:
             for frame in envelope:
                 send(frame, MORE)
-            send(data, NOBLOCK)
+            if not large:
+                send(data, NOBLOCK)
+                return True
+            tracker = send(zmq.Frame(data, track=True, copy=False), NOBLOCK, copy=False, track=True)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
             log.debug("stream message dropped: %s", exc)
+            return True
+        self.budget.held(envelope, size, tracker)
+        self._flush_within(SWEEP_INTERVAL)
         return True
 
     def _reply_large(self, envelope: list[bytes], data: bytes) -> None:

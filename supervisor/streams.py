@@ -20,12 +20,18 @@ The command's exit is reported by its worker; everything it wrote is in its pipe
 then, so the exit event follows once both pipes are read empty (what a process it
 left behind writes later is not waited for). A client silent for its ``grace``
 (no credit, heartbeat or other request) is taken for gone: its exec is killed unless
-detached. A detached exec's output is read and dropped until a client re-attaches.
+detached. A detached exec's output is dropped until a client re-attaches, by the kernel
+(spliced to /dev/null, never copied to us) and on a timer, at most DETACHED_PIPE per
+pipe every DRAIN_INTERVAL: a detached flood costs its command the wait for room in its
+pipe, the supervisor about twenty splices a second. After the exit each pipe is read
+for at most what it held then (its size): a process the command left behind that keeps
+writing is not waited for.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import signal
@@ -45,7 +51,9 @@ if TYPE_CHECKING:
     from .loop import Loop, Timer
 
 CHUNK = 64 << 10  # bytes per read, and so per output event
-RETRY = 0.01  # seconds before an event ZeroMQ would not take is offered again
+RETRY, RETRY_MAX = 0.01, 0.25  # seconds before an event that could not go is offered again (doubling)
+DRAIN_INTERVAL = 0.05  # seconds between drains of a detached exec's pipes
+DETACHED_PIPE = 1 << 20  # bytes: a detached exec's pipes, grown (drained at most this per interval)
 
 #: sends one message to a client: False if ZeroMQ would not take it now (try again)
 Send = Callable[[list[bytes], dict], bool]
@@ -69,6 +77,9 @@ class Stream:
         self.stdin_closed = False
         self.heard = time.monotonic()
         self.pending: tuple[list[bytes], dict] | None = None  # an event ZeroMQ would not take
+        self.retry = RETRY
+        self.left: dict[int, int] = {}  # after the exit: bytes each pipe may still be read for
+        self.drain: Timer | None = None  # detached: the next drain of its pipes
         self.started_sent = False
         self.exited = False
         self.final: Callable[[], None] | None = None  # sends the exit, once drained
@@ -89,6 +100,7 @@ class Streams:
         self.kill = kill  # ends an exec with an error (its group killed): ExecPath.fail
         self.live: dict[int, Stream] = {}  # exec id -> stream
         self.records = Records()
+        self.null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)  # the host's: where detached output goes
 
     # ---- from the exec path ------------------------------------------------------------
     def open(self, ex: Exec, envelope: list[bytes], req_id: Any) -> None:
@@ -114,6 +126,7 @@ class Streams:
                 os.close(fd)
             self.close(st)
             raise
+        self._write_stdin(st)  # what came before its pipes existed
         return fds, {"streams": True}  # its pipes are read once it has started (its first event)
 
     def started(self, st: Stream) -> None:
@@ -130,11 +143,17 @@ class Streams:
         st.exited, st.final = True, final
         for fd in list(st.watched):
             self._unwatch(st, fd)
+        self._stop_drain(st)
+        for fd in st.outputs:
+            st.left[fd] = _pipe_size(fd)
         self._pump(st)
 
     def close(self, st: Stream) -> None:
-        """The exec ended (finish): let go of everything."""
+        """The exec ended (finish): let go of everything; also of the Exec's link to us
+        (the two refer to each other: kept, the pair, its request with megabytes of argv
+        among it, would wait for the cyclic collector's next full pass)."""
         self.live.pop(st.ex.exec_id, None)
+        st.ex.stream = None
         for fd in list(st.outputs):
             self._close_output(st, fd)
         if st.stdin_fd >= 0:
@@ -147,6 +166,7 @@ class Streams:
         if st.timer is not None:
             st.timer.cancel()
             st.timer = None
+        self._stop_drain(st)
 
     def finished(self, st: Stream, reply: dict) -> None:
         """The exec's last message: its exit (or an error), to whoever is attached; to
@@ -181,20 +201,33 @@ class Streams:
             return
         self._read(st, fd)
 
-    def _read(self, st: Stream, fd: int) -> bool:
-        """One read of fd within the credit; False when it has nothing now."""
-        size = min(CHUNK, st.credit) if st.attached else CHUNK
+    def _read(self, st: Stream, fd: int, size: int = CHUNK) -> bool:
+        """One read of fd within the credit (detached: spliced to /dev/null); False when
+        it has nothing now, or nothing more is to be read of it."""
+        if st.attached:
+            size = min(size, st.credit)
+        if st.exited:
+            size = min(size, st.left[fd])
+            if size <= 0:
+                self._close_output(st, fd)
+                return False
         try:
-            data = os.read(fd, size)
+            if st.attached:
+                data = os.read(fd, size)
+                got = len(data)
+            else:
+                got = os.splice(fd, self.null, size, flags=os.SPLICE_F_NONBLOCK)
         except BlockingIOError:
             if st.exited:
                 self._close_output(st, fd)
             return False
-        if not data:
+        if not got:
             self._close_output(st, fd)
             return False
+        if st.exited:
+            st.left[fd] -= got
         if st.attached:
-            st.credit -= len(data)
+            st.credit -= got
             st.seq += 1
             self._send(st, wire.output(st.req_id, st.ex.exec_id, st.outputs[fd], st.seq - 1, data))
         return True
@@ -207,9 +240,16 @@ class Streams:
                 for fd in list(st.outputs):
                     while self._may_read(st) and self._read(st, fd):
                         pass
-            else:
+            elif st.attached:
+                self._stop_drain(st)
                 for fd in st.outputs:
                     self._watch(st, fd)
+            elif st.drain is None:
+                for fd in list(st.watched):
+                    self._unwatch(st, fd)
+                for fd in st.outputs:
+                    _grow(fd)
+                self._drain_detached(st)
         if st.exited and st.drained() and st.final is not None:
             final, st.final = st.final, None
             final()
@@ -219,6 +259,21 @@ class Streams:
         if st.outputs.pop(fd, None) is not None:
             os.close(fd)
 
+    def _drain_detached(self, st: Stream) -> None:
+        """Drop what a detached exec wrote (at most a pipe's worth each), and come back."""
+        st.drain = None
+        if st.attached or st.exited or st.ex.done:
+            return
+        for fd in list(st.outputs):
+            self._read(st, fd, DETACHED_PIPE)
+        if st.outputs:
+            st.drain = self.loop.call_at(time.monotonic() + DRAIN_INTERVAL, lambda: self._drain_detached(st))
+
+    def _stop_drain(self, st: Stream) -> None:
+        if st.drain is not None:
+            st.drain.cancel()
+            st.drain = None
+
     def _send(self, st: Stream, msg: dict, envelope: list[bytes] | None = None) -> None:
         envelope = envelope or st.envelope
         if envelope is None:
@@ -226,15 +281,16 @@ class Streams:
         if st.pending is None and self.send(envelope, msg):
             return
         if st.pending is None:  # nothing is read until it goes
-            st.pending = (envelope, msg)
-            self.loop.call_at(time.monotonic() + RETRY, lambda: self._retry(st))
+            st.pending, st.retry = (envelope, msg), RETRY
+            self.loop.call_at(time.monotonic() + st.retry, lambda: self._retry(st))
 
     def _retry(self, st: Stream) -> None:
         if st.pending is None:
             return
         envelope, msg = st.pending
         if not self.send(envelope, msg):
-            self.loop.call_at(time.monotonic() + RETRY, lambda: self._retry(st))
+            st.retry = min(st.retry * 2, RETRY_MAX)
+            self.loop.call_at(time.monotonic() + st.retry, lambda: self._retry(st))
             return
         st.pending = None
         self._pump(st)
@@ -245,12 +301,16 @@ class Streams:
         if st.envelope is not None:
             st.pending = None
             if not self.send(st.envelope, reply):
-                envelope = st.envelope
-                self.loop.call_at(time.monotonic() + RETRY, lambda: self._final_retry(envelope, reply, 100))
+                envelope, until = st.envelope, time.monotonic() + st.opts.grace
+                self.loop.call_at(time.monotonic() + RETRY, lambda: self._final_retry(envelope, reply, until,
+                                                                                     RETRY))
 
-    def _final_retry(self, envelope: list[bytes], reply: dict, left: int) -> None:
-        if not self.send(envelope, reply) and left > 0:
-            self.loop.call_at(time.monotonic() + RETRY, lambda: self._final_retry(envelope, reply, left - 1))
+    def _final_retry(self, envelope: list[bytes], reply: dict, until: float, wait: float) -> None:
+        """Offered again (backing off) for as long as its client may be silent and alive."""
+        if not self.send(envelope, reply) and time.monotonic() < until:
+            wait = min(wait * 2, RETRY_MAX)
+            again = lambda: self._final_retry(envelope, reply, until, wait)  # noqa: E731
+            self.loop.call_at(time.monotonic() + wait, again)
 
     # ---- the client ------------------------------------------------------------------
     def _arm_grace(self, st: Stream) -> None:
@@ -294,9 +354,10 @@ class Streams:
             return messages.ok_reply(req_id, event="attached", exec_id=req.exec_id)
         raise WarmexecError(errors.BAD_REQUEST, f"{req.op}: exec {req.exec_id} has no terminal")  # resize
 
-    def container_of(self, exec_id: int) -> str | None:
+    def request_of(self, exec_id: int) -> messages.ExecRequest | None:
+        """The request a running or recorded exec was started with (its access is by it)."""
         st = self.live.get(exec_id)
-        return st.ex.req.container if st is not None else self.records.container(exec_id)
+        return st.ex.req if st is not None else self.records.request(exec_id)
 
     def _signal(self, st: Stream, req_id: Any, req: wire.StreamRequest) -> dict:
         """Through the command's pidfd (its group: the one it leads), never by a pid
@@ -334,6 +395,8 @@ class Streams:
         return None
 
     def _write_stdin(self, st: Stream) -> None:
+        if st.stdin_fd < 0:
+            return  # its pipes are made when it goes to its worker: written then
         while st.stdin_queue:
             envelope, req_id, data, eof, size = st.stdin_queue[0]
             try:
@@ -370,3 +433,20 @@ class Streams:
 def _stdin_reply(req_id: Any, written: int, closed: bool) -> dict:
     return messages.ok_reply(req_id, written=written, closed=closed)
 
+
+
+def _pipe_size(fd: int) -> int:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    except OSError:
+        return CHUNK
+
+
+def _grow(fd: int) -> None:
+    """A detached exec's pipe holds DETACHED_PIPE (its pages are its writer's, charged to
+    the container), so that it is drained that much at a time; its size where refused."""
+    try:
+        if _pipe_size(fd) < DETACHED_PIPE:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, DETACHED_PIPE)
+    except OSError:
+        pass

@@ -24,7 +24,7 @@ from bench.harness import free_port
 from warmexec.protocol import Client, errors
 from warmexec.protocol.errors import WarmexecError
 
-from .conftest import Supervisor, wait_for, wait_ready
+from .conftest import Supervisor, wait_ready
 
 pytestmark = pytest.mark.root
 
