@@ -22,6 +22,10 @@
     command = ["logger", "-t", "warmexec"]
 
     [auth]                       # CurveZMQ, for tcp:// endpoints (see auth.py)
+
+    [probe_modules.alive]        # GET /probe?container=C&module=alive (probeconfig.py)
+    argv = ["cat", "/tmp/healthy"]
+    timeout = 2
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 
 from ..protocol.client import DEFAULT_ENDPOINT
 from .discovery import DEFAULT_ROOTS
+from .probeconfig import ProbeModule, parse_modules
 
 
 class ConfigError(SystemExit):
@@ -54,6 +59,7 @@ class Config:
     insecure_tcp: bool = False  # serve tcp:// without CurveZMQ
     events: str | None = None  # the event stream's PUB endpoint
     docker_host: str = "unix:///var/run/docker.sock"  # Docker's names from its API ("": none)
+    probe_modules: dict[str, ProbeModule] = field(default_factory=dict)  # what /probe may run
 
     def with_flags(self, **flags: Any) -> Config:
         """This config with the flags that were given (None: not given) in its place."""
@@ -77,6 +83,10 @@ def load_config(path: str | None) -> Config:
                 raise ConfigError(f"warmexec: {path}: hooks.{kind}.command must be a list of strings")
             if not isinstance(hook.get("timeout", 5), (int, float)):
                 raise ConfigError(f"warmexec: {path}: hooks.{kind}.timeout must be a number")
+    try:
+        modules = parse_modules(cfg.get("probe_modules"))
+    except ValueError as exc:
+        raise ConfigError(f"warmexec: {path}: {exc}") from None
     limits = cfg.get("limits", {})
     roots = cfg.get("runc_roots")
     return Config().with_flags(
@@ -85,4 +95,4 @@ def load_config(path: str | None) -> Config:
         scan_interval=cfg.get("scan_interval"), max_inflight=limits.get("max_inflight"),
         max_inflight_per_container=limits.get("max_inflight_per_container"), hooks=hooks,
         auth=cfg.get("auth") or None, acl=cfg.get("acl"), events=cfg.get("events"),
-        docker_host=cfg.get("docker_host"))
+        docker_host=cfg.get("docker_host"), probe_modules=modules)

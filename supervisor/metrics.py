@@ -5,23 +5,18 @@ counters, bounded labels (container, exit code, error code: never pid or argv).
 Gauges about workers and in-flight execs are computed at scrape time from the live
 container table, so they cannot drift. The ``container`` label can be dropped for
 hosts with thousands of containers; its series are removed when a container goes away.
-They are served over HTTP by :class:`MetricsServer`, bounded in connections, threads
-and time (any local user can reach it).
+They are served over HTTP by httpserver.py's ``MetricsServer``, bounded in connections,
+threads and time (any local user can reach it).
 """
 
 from __future__ import annotations
 
-import asyncio
-import gzip
 import logging
 import signal
-import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import (
-    REGISTRY,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -30,7 +25,6 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from ..protocol.errors import ALL
 from .lifecycle import State
@@ -224,115 +218,3 @@ class _LiveCollector:
         yield GaugeMetricFamily("warmexec_exec_inflight", "Execs received and not yet answered",
                                 value=inflight)
         yield GaugeMetricFamily("warmexec_containers", "Active containers", value=len(rows))
-
-
-# ---- the HTTP endpoint ---------------------------------------------------------------
-
-MAX_CONNECTIONS = 32  # open at once; past it the oldest still sending its request goes
-REQUEST_TIMEOUT = 5.0  # seconds to send the request line and headers
-WRITE_TIMEOUT = 10.0  # seconds to take the response
-MAX_REQUEST_HEAD = 8192  # bytes of request line and headers
-
-
-class MetricsServer:
-    """The metrics endpoint: one thread running one asyncio loop, bounded everywhere.
-
-    prometheus_client's own server starts a thread per connection and reads without a
-    timeout: a local user opening connections that never send a byte pinned one thread
-    each, without limit. Here a connection is a coroutine on one thread. It has
-    REQUEST_TIMEOUT to send a request head of at most MAX_REQUEST_HEAD bytes and
-    WRITE_TIMEOUT to take its response, one response per connection. At most
-    MAX_CONNECTIONS are open: a new one past that closes the oldest connection still
-    waiting for its request (itself, if it is the only one), so idle or slow clients can
-    neither lock a scraper out for long nor pin more than MAX_CONNECTIONS head buffers
-    and responses.
-    """
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self.registry = registry
-        self.loop = asyncio.new_event_loop()
-        # Open connections, oldest first -> True while it has not sent its request.
-        self.live: dict[asyncio.StreamWriter, bool] = {}
-        self.server = self.loop.run_until_complete(  # a bind error is raised here, at once
-            asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_HEAD))
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.thread = threading.Thread(target=self.loop.run_forever, name="warmexec-metrics",
-                                       daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        """Stop serving, end every connection, stop the thread (tests; a supervisor
-        exits with it running)."""
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-    async def _shutdown(self) -> None:
-        self.server.close()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._admit(writer)
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-            if writer in self.live:
-                self.live[writer] = False
-            writer.transport.set_write_buffer_limits(0)  # drain() returns once all is sent
-            writer.write(self.respond(head))
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            pass
-        except Exception:
-            log.exception("internal error serving metrics")
-        finally:
-            self.live.pop(writer, None)
-            writer.transport.abort()  # sent, or not taken in time: nothing is left to wait for
-
-    def _admit(self, writer: asyncio.StreamWriter) -> None:
-        """Past MAX_CONNECTIONS, close the oldest connection yet to send its request."""
-        self.live[writer] = True
-        if len(self.live) > MAX_CONNECTIONS:
-            victim = next(w for w, waiting in self.live.items() if waiting)  # writer, at worst
-            del self.live[victim]
-            victim.transport.abort()  # its coroutine ends on the reset
-
-    def respond(self, head: bytes) -> bytes:
-        """The whole HTTP response to a request head, as prometheus_client's own server
-        answers it: any path but /favicon.ico is the scrape."""
-        lines = head.decode("latin-1").split("\r\n")
-        method, _, rest = lines[0].partition(" ")
-        url = urlsplit(rest.rpartition(" ")[0] or rest)
-        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        if method == "OPTIONS":
-            return _http("200 OK", [("Allow", "OPTIONS,GET")], b"")
-        if method != "GET":
-            return _http("405 Method Not Allowed", [("Allow", "OPTIONS,GET")],
-                         f"# HTTP 405 Method Not Allowed: {method[:32]}; use OPTIONS or GET\n".encode())
-        if url.path == "/favicon.ico":
-            return _http("200 OK", [], b"")
-        encoder, content_type = choose_encoder(fields.get("accept", ""))
-        registry = self.registry
-        names = parse_qs(url.query).get("name[]")
-        if names:
-            registry = registry.restricted_registry(names)
-        body, headers = encoder(registry), [("Content-Type", content_type)]
-        if gzip_accepted(fields.get("accept-encoding", "")):
-            body = gzip.compress(body)
-            headers.append(("Content-Encoding", "gzip"))
-        return _http("200 OK", headers, body)
-
-
-def _http(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
-    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers),
-             f"Content-Length: {len(body)}", "Connection: close", "", ""]
-    return "\r\n".join(lines).encode("latin-1") + body
-
-
-def start_http_server(port: int, addr: str = "127.0.0.1",
-                      registry: CollectorRegistry = REGISTRY) -> MetricsServer:
-    """prometheus_client.start_http_server's signature, served by MetricsServer."""
-    return MetricsServer(registry, addr, port)

@@ -4,7 +4,9 @@ One thread runs one epoll loop (loop.py). Requests come in on the ROUTER socket,
 decoded and checked (protocol/), and go to the exec path (execpath.py) or the worker
 table (workers.py); replies go back the same way, those over a few KiB within a byte
 budget per client (replies.py). Discovery rescans the state roots on inotify events
-and on a timer.
+and on a timer. A second ROUTER, on an inproc endpoint only this process can reach,
+takes the metrics thread's probes (exporter.py) as requests like any other; their
+replies go back on it (``LOOPBACK`` heads their envelopes).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -46,6 +49,14 @@ MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
+class _Loopback(bytes):
+    """The type of LOOPBACK: no frame received from a socket is ever this object."""
+
+
+#: First in the envelope of a request from the loopback socket: its reply goes back there.
+LOOPBACK = _Loopback(b"")
+
+
 class Supervisor:
     """The loop, the ROUTER socket, discovery and signals, around the worker table
     (workers.py) and the exec path (execpath.py); built from one Config."""
@@ -76,6 +87,13 @@ class Supervisor:
         if self.auth is not None:
             self.auth.secure(self.ctx, self.router)
         self.endpoint = bind(self.router, cfg.endpoint)
+        # The metrics thread's probes (exporter.py): an exec like any other, counted and
+        # bounded by the same limits, with no key to hold (only this process can connect).
+        self.loopback = self.ctx.socket(zmq.ROUTER)
+        self.loopback.setsockopt(zmq.LINGER, 0)
+        self.loopback_endpoint = f"inproc://warmexec-loopback-{id(self):x}"
+        self.loopback.bind(self.loopback_endpoint)
+        self.on_close: list[Callable[[], None]] = []  # before the context ends: the metrics server
         self.watcher = inotify.Watcher()
         self.events = Events(self.ctx, cfg.events, metrics, cfg.insecure_tcp) if cfg.events else None
         self.table = WorkerTable(self.loop, self.emit, metrics)
@@ -91,6 +109,7 @@ class Supervisor:
         if metrics is not None:
             metrics.watch(lambda: list(self.table.containers.values()))
         self.loop.add(self.router.getsockopt(zmq.FD), self._on_router)
+        self.loop.add(self.loopback.getsockopt(zmq.FD), self._on_router)
         self.loop.add(self.watcher.fd, self._on_inotify)
         self.stopping = False
         self.backlog = False
@@ -138,10 +157,13 @@ class Supervisor:
             self.shutdown()
 
     def close(self) -> None:
+        for fn in self.on_close:
+            fn()
         self.table.close()
         self.hooks.close()
         self.watcher.close()
         self.router.close(linger=0)
+        self.loopback.close(linger=0)
         if self.events is not None:
             self.events.close()
         if self.auth is not None:
@@ -187,28 +209,32 @@ class Supervisor:
 
     # ---- the wire --------------------------------------------------------------
     def _on_router(self, _mask: int) -> None:
-        """Serve up to BATCH requests, then let the loop serve workers too: a flood from
-        one client must not starve everyone else's replies. ``self.backlog`` tells the
-        loop not to sleep while requests are left (ZMQ_FD is edge-triggered)."""
+        """Serve up to BATCH requests from each socket, then let the loop serve workers
+        too: a flood from one client must not starve everyone else's replies.
+        ``self.backlog`` tells the loop not to sleep while requests are left (ZMQ_FD is
+        edge-triggered)."""
+        left = self._drain(self.router, ())
+        self.backlog = self._drain(self.loopback, (LOOPBACK,)) or left
+
+    def _drain(self, sock: zmq.Socket, head: tuple[bytes, ...]) -> bool:
+        """Serve up to BATCH requests from sock; True if some may be left."""
         for _ in range(BATCH):
             # Asked first: an empty recv would raise, and pyzmq's exceptions are dear.
-            if not self.router.getsockopt(EVENTS) & POLLIN:
-                self.backlog = False
-                return
+            if not sock.getsockopt(EVENTS) & POLLIN:
+                return False
             try:
-                frames = self.router.recv_multipart(NOBLOCK, copy=self.auth is None)
+                frames = sock.recv_multipart(NOBLOCK, copy=self.auth is None or bool(head))
             except zmq.Again:
-                self.backlog = False
-                return
+                return False
             if len(frames) > MAX_FRAMES or sum(len(f) for f in frames[:-1]) > MAX_ENVELOPE:
                 self.count_error(errors.BAD_REQUEST)  # echoed, it would cost us twice
                 continue
-            if self.auth is None:
-                self.handle(frames[:-1], frames[-1], EVERYTHING)
+            if self.auth is None or head:
+                self.handle([*head, *frames[:-1]], frames[-1], EVERYTHING)
             else:
                 rules = self.auth.rules_for(frames[-1].get("User-Id"))  # the CURVE key, via ZAP
                 self.handle([f.bytes for f in frames[:-1]], frames[-1].bytes, rules)
-        self.backlog = True
+        return True
 
     def handle(self, envelope: list[bytes], payload: bytes, rules: Rules) -> None:
         req_id = None
@@ -254,7 +280,8 @@ class Supervisor:
         data = codec.pack(msg)
         if len(data) > SMALL_REPLY:
             return self._reply_large(envelope, data)
-        send = self.router.send
+        sock, envelope = self._route(envelope)
+        send = sock.send
         try:
             for frame in envelope:  # the first one (the client's identity) routes it all
                 send(frame, MORE)
@@ -271,8 +298,15 @@ class Supervisor:
             self.count_error(REPLY_DROPPED)
         self._flush_within(SWEEP_INTERVAL if outcome == SENT else FLUSH_INTERVAL)
 
+    def _route(self, envelope: list[bytes]) -> tuple[zmq.Socket, list[bytes]]:
+        """The socket a reply goes out on, and the envelope that routes it there."""
+        if envelope and envelope[0] is LOOPBACK:
+            return self.loopback, envelope[1:]
+        return self.router, envelope
+
     def _send_tracked(self, envelope: list[bytes], data: bytes) -> zmq.MessageTracker | None:
-        send = self.router.send
+        sock, envelope = self._route(envelope)
+        send = sock.send
         try:
             for frame in envelope:
                 send(frame, MORE)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from warmexec.protocol import codec, errors, messages
 from warmexec.protocol.errors import WarmexecError
-from warmexec.supervisor import metrics
+from warmexec.supervisor import httpserver, metrics
 from warmexec.supervisor.loop import Loop
 
 from ..conftest import wait_for
@@ -131,7 +131,7 @@ def test_timers_fire_in_order_across_compactions():
 
 @pytest.fixture
 def server():
-    srv = metrics.start_http_server(0, "127.0.0.1", metrics.Metrics().registry)
+    srv = httpserver.start_http_server(0, "127.0.0.1", metrics.Metrics().registry)
     yield srv
     srv.close()
 
@@ -164,9 +164,9 @@ def test_idle_connections_pin_no_thread_and_a_scrape_still_answers_within_a_seco
         took = time.monotonic() - t0
         assert b"warmexec_containers" in body and took < 1, f"a scrape took {took:.2f}s"
         assert threading.active_count() <= threads0, "idle connections took threads"
-        assert len(server.live) <= metrics.MAX_CONNECTIONS
+        assert len(server.live) <= httpserver.MAX_CONNECTIONS
         # The oldest were closed as new ones came; the rest go at their request timeout.
-        wait_for(lambda: all(_closed(c) for c in conns), metrics.REQUEST_TIMEOUT + 2,
+        wait_for(lambda: all(_closed(c) for c in conns), httpserver.REQUEST_TIMEOUT + 2,
                  "every idle connection to be closed")
     finally:
         for conn in conns:
@@ -177,7 +177,7 @@ def test_a_request_dripped_byte_by_byte_or_too_large_is_cut_off(server):
     drip = socket.create_connection(("127.0.0.1", server.port))
     huge = socket.create_connection(("127.0.0.1", server.port))
     try:
-        huge.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * metrics.MAX_REQUEST_HEAD + b"\r\n")
+        huge.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * httpserver.MAX_REQUEST_HEAD + b"\r\n")
         wait_for(lambda: _closed(huge), 2, "a request head over the limit to be refused")
         t0 = time.monotonic()
         head = b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 100
@@ -190,8 +190,8 @@ def test_a_request_dripped_byte_by_byte_or_too_large_is_cut_off(server):
                 break
             time.sleep(0.02)  # the client's pace, not a synchronisation
         took = time.monotonic() - t0
-        assert _closed(drip) or took < metrics.REQUEST_TIMEOUT + 1
-        assert took < metrics.REQUEST_TIMEOUT + 1, f"a dripping client was served for {took:.1f}s"
+        assert _closed(drip) or took < httpserver.REQUEST_TIMEOUT + 1
+        assert took < httpserver.REQUEST_TIMEOUT + 1, f"a dripping client was served for {took:.1f}s"
     finally:
         drip.close()
         huge.close()
