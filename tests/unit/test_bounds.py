@@ -4,11 +4,13 @@ sockets, a real registry, in this process so that its threads can be counted).""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 import weakref
 
@@ -207,3 +209,36 @@ def test_the_scrape_is_what_prometheus_client_serves(server):
     assert b"# TYPE warmexec_exec_errors_total counter" in plain.read()
     url = f"http://127.0.0.1:{server.port}/?name[]=warmexec_exec_errors_total"
     assert urllib.request.urlopen(url, timeout=1).read().decode().count("# TYPE") == 1
+
+
+def test_probes_waiting_for_their_answer_leave_room_for_the_scrape():
+    """At most MAX_ROUTED routed requests wait at once: the next is 503 at once, and the
+    scrape still answers; the waiting ones are answered when their route returns."""
+    gate = asyncio.Event()
+
+    async def slow(_request: httpserver.Request) -> httpserver.Response:
+        await gate.wait()
+        return httpserver.text("200 OK", "done\n")
+
+    srv = httpserver.start_http_server(0, "127.0.0.1", metrics.Metrics().registry, routes={"/probe": slow})
+    conns = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(httpserver.MAX_ROUTED)]
+    try:
+        for conn in conns:
+            conn.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: srv.routed == httpserver.MAX_ROUTED, 5, "every probe to wait")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/probe", timeout=1)
+        assert e.value.code == 503
+        assert b"warmexec_containers" in _scrape(srv.port).read()
+        srv.loop.call_soon_threadsafe(gate.set)
+        for conn in conns:
+            conn.settimeout(5)
+            answer = b""
+            while chunk := conn.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"done\n")
+        assert srv.routed == 0
+    finally:
+        for conn in conns:
+            conn.close()
+        srv.close()
