@@ -62,7 +62,9 @@ def test_promtool_check_metrics_accepts_a_real_scrape(supervisor, client, contai
 class Prometheus:
     """`prometheus` on a free loopback port and a private TSDB, scraping one supervisor."""
 
-    def __init__(self, workdir: str, metrics_port: int) -> None:
+    def __init__(self, workdir: str, metrics_port: int, scrape_configs: str | None = None) -> None:
+        """scrape_configs: the YAML of the list under `scrape_configs:` (default: one job
+        scraping the supervisor's /metrics)."""
         self.started = time.monotonic()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -74,9 +76,9 @@ class Prometheus:
                     "  evaluation_interval: 1s\n"
                     f"rule_files:\n  - {RULES}\n"
                     "scrape_configs:\n"
-                    "  - job_name: warmexec\n"
-                    "    static_configs:\n"
-                    f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+                    + (scrape_configs or "  - job_name: warmexec\n"
+                                         "    static_configs:\n"
+                                         f"      - targets: ['127.0.0.1:{metrics_port}']\n"))
         self.log_path = os.path.join(workdir, "prometheus.log")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
