@@ -22,7 +22,7 @@ from . import codec, errors
 from .errors import WarmexecError
 
 VERSION = 1
-OPS = ("exec", "ping", "list", "attach", "detach")
+OPS = ("exec", "ping", "list", "attach", "detach", "probes")
 
 DEFAULT_CAPTURE = 64 * 1024
 MAX_CAPTURE = 16 << 20  # per stream: what containerd keeps of an ExecSync (CRI)

@@ -13,6 +13,7 @@
     [limits]
     max_inflight = 1024
     max_inflight_per_container = 256
+    max_probes_inflight = 64     # scheduled probes ([[probes]]) running at once
 
     [[hooks.start]]              # once the exec's pid is known
     command = ["/usr/local/bin/audit-exec"]
@@ -26,6 +27,11 @@
     [probe_modules.alive]        # GET /probe?container=C&module=alive (probeconfig.py)
     argv = ["cat", "/tmp/healthy"]
     timeout = 2
+
+    [[probes]]                   # scheduled in the supervisor (probeconfig.py, scheduler.py)
+    name = "alive"
+    module = "alive"
+    period = 10
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import Any
 
 from ..protocol.client import DEFAULT_ENDPOINT
 from .discovery import DEFAULT_ROOTS
-from .probeconfig import ProbeModule, parse_modules
+from .probeconfig import ProbeModule, ProbeSpec, parse_modules, parse_probes
 
 
 class ConfigError(SystemExit):
@@ -60,6 +66,8 @@ class Config:
     events: str | None = None  # the event stream's PUB endpoint
     docker_host: str = "unix:///var/run/docker.sock"  # Docker's names from its API ("": none)
     probe_modules: dict[str, ProbeModule] = field(default_factory=dict)  # what /probe may run
+    probes: tuple[ProbeSpec, ...] = ()  # scheduled probes (scheduler.py)
+    max_probes_inflight: int = 64  # scheduled probes in flight at once: the rest wait a period
 
     def with_flags(self, **flags: Any) -> Config:
         """This config with the flags that were given (None: not given) in its place."""
@@ -85,6 +93,7 @@ def load_config(path: str | None) -> Config:
                 raise ConfigError(f"warmexec: {path}: hooks.{kind}.timeout must be a number")
     try:
         modules = parse_modules(cfg.get("probe_modules"))
+        probes = parse_probes(cfg.get("probes"), modules)
     except ValueError as exc:
         raise ConfigError(f"warmexec: {path}: {exc}") from None
     limits = cfg.get("limits", {})
@@ -95,4 +104,5 @@ def load_config(path: str | None) -> Config:
         scan_interval=cfg.get("scan_interval"), max_inflight=limits.get("max_inflight"),
         max_inflight_per_container=limits.get("max_inflight_per_container"), hooks=hooks,
         auth=cfg.get("auth") or None, acl=cfg.get("acl"), events=cfg.get("events"),
-        docker_host=cfg.get("docker_host"), probe_modules=modules)
+        docker_host=cfg.get("docker_host"), probe_modules=modules, probes=probes,
+        max_probes_inflight=limits.get("max_probes_inflight"))

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("warmexec")
 
-HOOK_KINDS = ("start", "exit")
+HOOK_KINDS = ("start", "exit", "probe")
 HOOK_FAILURES = ("timeout", "exit_status", "spawn", "dropped", "exception")
 
 # 50 µs .. 10 s: the warm path lives at the bottom, runc-like execs and hangs at the top.
@@ -86,8 +86,22 @@ class Metrics:
                                      ("kind", "reason"), registry=r)
         self.events_dropped = Counter("warmexec_events_dropped",
                                       "Events not published: a subscriber was too slow", registry=r)
+        p = ("probe", *c)
+        self.probe_duration = Histogram("warmexec_probe_duration_seconds", "Scheduled probes, run to result",
+                                        ("probe",), registry=r, buckets=DURATION_BUCKETS)
+        self.probe_lag = Histogram("warmexec_probe_lag_seconds", "Scheduled probes, planned to started",
+                                   registry=r, buckets=SPAWN_BUCKETS)
+        self.probe_results = Counter("warmexec_probe_results", "Scheduled probe runs, by result",
+                                     (*p, "result"), registry=r)
+        self.probe_transitions = Counter("warmexec_probe_transitions",
+                                         "Scheduled probes' changes of health, by the new status",
+                                         (*p, "to"), registry=r)
+        self.probe_skipped = Counter("warmexec_probe_skipped", "Scheduled probe runs not made, by reason",
+                                     ("probe", "reason"), registry=r)
         self._table: Callable[[], Iterable[Served]] = lambda: ()
+        self._probes: Callable[[], Iterable[tuple[str, str, bool | None, str]]] = lambda: ()
         r.register(_LiveCollector(self))
+        r.register(_ProbeCollector(self))
         ProcessCollector(registry=r)  # the supervisor's own CPU, memory, fds
         PlatformCollector(registry=r)
         # Series that exist from the start, at 0: rate() and increase() then see the
@@ -102,6 +116,28 @@ class Metrics:
     def watch(self, table: Callable[[], Iterable[Served]]) -> None:
         """Give the scrape-time gauges the container table (a callable returning runtimes)."""
         self._table = table
+
+    def watch_probes(self, rows: Callable[[], Iterable[tuple[str, str, bool | None, str]]]) -> None:
+        """Give the scrape-time probe gauges the scheduler's (probe, container, last ok, status)."""
+        self._probes = rows
+
+    # ---- scheduled probes (the loop) -----------------------------------------------
+    def probe_result(self, probe: str, container: str, result: str, seconds: float, lag: float) -> None:
+        self.probe_results.labels(probe, *self._c(container), result).inc()
+        self.probe_duration.labels(probe).observe(seconds)
+        self.probe_lag.observe(lag)
+
+    def probe_transition(self, probe: str, container: str, to: str) -> None:
+        self.probe_transitions.labels(probe, *self._c(container), to).inc()
+
+    def probe_skip(self, probe: str, reason: str) -> None:
+        self.probe_skipped.labels(probe, reason).inc()
+
+    def forget_probe(self, probe: str, container: str) -> None:
+        if self.container_label:
+            for metric in (self.probe_results, self.probe_transitions):
+                for labels in [k for k in list(metric._metrics) if k[:2] == (probe, container)]:
+                    metric.remove(*labels)
 
     def _c(self, container: str) -> tuple[str, ...]:
         if not self.container_label:
@@ -218,3 +254,35 @@ class _LiveCollector:
         yield GaugeMetricFamily("warmexec_exec_inflight", "Execs received and not yet answered",
                                 value=inflight)
         yield GaugeMetricFamily("warmexec_containers", "Active containers", value=len(rows))
+
+
+class _ProbeCollector:
+    """warmexec_probe_success and warmexec_probe_healthy, read from the scheduler."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for _ in range(3):  # the loop thread may change the probes mid-scrape: retry
+            try:
+                rows = list(self.metrics._probes())
+                break
+            except RuntimeError:
+                continue
+        else:
+            return
+        labels = ["probe", "container", "pod", "namespace"] if self.metrics.container_label else ["probe"]
+        success = GaugeMetricFamily("warmexec_probe_success",
+                                    "Whether a scheduled probe's last run succeeded (absent before one)",
+                                    labels=labels)
+        healthy = GaugeMetricFamily("warmexec_probe_healthy",
+                                    "Whether a scheduled probe's container is healthy by its thresholds "
+                                    "(absent while unknown)", labels=labels)
+        for probe, container, last_ok, status in rows:
+            values = [probe, *self.metrics._c(container)]
+            if last_ok is not None:
+                success.add_metric(values, 1 if last_ok else 0)
+            if status != "unknown":
+                healthy.add_metric(values, 1 if status == "healthy" else 0)
+        yield success
+        yield healthy

@@ -122,6 +122,11 @@ class Names:
         own = self._of.get(cid)
         return own[-1] if own else None
 
+    def known_as(self, cid: str) -> list[str]:
+        """Every name of cid: its id, its Docker name, its aliases (probe selectors)."""
+        found = self.docker.get(cid)
+        return [cid, *([found.name] if found is not None else []), *self._of.get(cid, [])]
+
     def resolve(self, ref: str, ids: Iterable[str]) -> str | None:
         """The id ref names (a name, an alias, or a unique prefix of one of ids), None
         if it names none; WarmexecError if it is a prefix of several."""

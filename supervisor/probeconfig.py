@@ -1,4 +1,6 @@
-"""Probe modules: the commands ``/probe`` may run, from ``[probe_modules.NAME]`` tables.
+"""Probe modules and scheduled probes: ``[probe_modules.NAME]`` and ``[[probes]]``.
+
+Modules are the commands ``/probe`` may run (exporter.py)::
 
 ::
 
@@ -11,12 +13,30 @@
     capture = 4096         # bytes of stdout and of stderr kept (the regex sees these)
 
 A module is trusted configuration (only root writes the config file); what a scrape
-chooses is which module and which container, never the command. Parsing is pure: it
-raises ValueError, which config.py words with the file's name.
+chooses is which module and which container, never the command.
+
+Scheduled probes (scheduler.py) run a module, or a command of their own, in every
+container they select, with Kubernetes' semantics and defaults::
+
+    [[probes]]
+    name = "web-alive"
+    module = "alive"             # or argv = [...] (and exit_codes, regex, user, capture)
+    containers = ["web-*"]       # globs on ids, names and aliases (default: every one)
+    annotations = { "io.kubernetes.container.name" = "nginx" }  # each must match
+    initial_delay = 0            # seconds after the container is first seen
+    period = 10
+    timeout = 1
+    success_threshold = 1        # consecutive successes to become healthy
+    failure_threshold = 3        # consecutive failures to become unhealthy
+    hook = ["/usr/local/bin/on-probe-change"]   # optional: the probe's JSON on stdin
+    hook_timeout = 5
+
+Parsing is pure: it raises ValueError, which config.py words with the file's name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -121,3 +141,95 @@ def succeeded(module: ProbeModule, reply: dict) -> bool:
     if reply.get("timed_out") or reply.get("exit_code") not in module.exit_codes:
         return False
     return module.regex is None or module.regex.search(reply.get("stdout") or b"") is not None
+
+
+# ---- scheduled probes: [[probes]] ------------------------------------------------------
+
+PROBE_KEYS = frozenset(("name", "module", "containers", "annotations", "initial_delay", "period", "timeout",
+                        "success_threshold", "failure_threshold", "hook", "hook_timeout")) | MODULE_KEYS
+INLINE_ONLY = MODULE_KEYS - {"timeout"}  # given with module = "...", these would be ignored: refused
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One ``[[probes]]`` entry: what to run, where, and when (Kubernetes' defaults)."""
+
+    name: str
+    module: ProbeModule  # the command and how its outcome is judged; its timeout is the probe's
+    containers: tuple[str, ...] = ("*",)  # globs on a container's id, name and aliases
+    annotations: tuple[tuple[str, str], ...] = ()  # (key, glob): each must match the spec's
+    initial_delay: float = 0.0
+    period: float = 10.0
+    success_threshold: int = 1
+    failure_threshold: int = 3
+    hook: tuple[str, ...] = ()  # run on each change of health, the probe's JSON on stdin
+    hook_timeout: float = 5.0
+
+    @property
+    def timeout(self) -> float:
+        return self.module.timeout
+
+
+def parse_probes(value: Any, modules: dict[str, ProbeModule]) -> tuple[ProbeSpec, ...]:
+    """Every ``[[probes]]``; ValueError names the first bad one."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError("probes must be an array of tables ([[probes]])")
+    specs = tuple(parse_probe(i, body, modules) for i, body in enumerate(value))
+    names = [s.name for s in specs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise ValueError(f"two probes are named {dup!r}")
+    return specs
+
+
+def parse_probe(index: int, body: Any, modules: dict[str, ProbeModule]) -> ProbeSpec:
+    where = f"probes[{index}]"
+    if not isinstance(body, dict):
+        raise ValueError(f"{where} must be a table")
+    unknown = sorted(set(body) - PROBE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key {unknown[0]!r}")
+    name = body.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError(f"{where}.name must be 1-64 of A-Z a-z 0-9 _ . -")
+    where = f"probes.{name}"
+    timeout = seconds(body.get("timeout", 1.0), f"{where}.timeout")  # Kubernetes' default: 1 s
+    if ("module" in body) == ("argv" in body):
+        raise ValueError(f"{where}: give either module = \"NAME\" or argv = [...]")
+    if "module" in body:
+        base = modules.get(body["module"]) if isinstance(body["module"], str) else None
+        if base is None:
+            raise ValueError(f"{where}.module: no [probe_modules.{str(body['module'])[:64]}]")
+        if set(body) & INLINE_ONLY:
+            raise ValueError(f"{where}: {sorted(set(body) & INLINE_ONLY)[0]} belongs to the module")
+        module = dataclasses.replace(base, timeout=timeout)
+    else:
+        module = parse_module(name, {k: body[k] for k in MODULE_KEYS if k in body} | {"timeout": timeout})
+    return ProbeSpec(name=name, module=module, containers=_globs(body.get("containers", ["*"]), where),
+                     annotations=_annotations(body.get("annotations", {}), where),
+                     initial_delay=seconds(body.get("initial_delay", 0), f"{where}.initial_delay", zero=True),
+                     period=seconds(body.get("period", 10.0), f"{where}.period"),
+                     success_threshold=_count(body.get("success_threshold", 1), f"{where}.success_threshold"),
+                     failure_threshold=_count(body.get("failure_threshold", 3), f"{where}.failure_threshold"),
+                     hook=argv_of(body["hook"], where + ".hook") if "hook" in body else (),
+                     hook_timeout=seconds(body.get("hook_timeout", 5.0), f"{where}.hook_timeout"))
+
+
+def _globs(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(g, str) and g for g in value):
+        raise ValueError(f"{where}.containers must be a non-empty list of globs")
+    return tuple(value)
+
+
+def _annotations(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"{where}.annotations must be a table of KEY = \"GLOB\"")
+    return tuple(sorted(value.items()))
+
+
+def _count(value: Any, where: str) -> int:
+    if type(value) is not int or not 1 <= value <= 1000:
+        raise ValueError(f"{where} must be an integer in [1, 1000]")
+    return value

@@ -33,6 +33,7 @@ from .loop import Loop, Timer
 from .metrics import Metrics
 from .names import DockerNames
 from .replies import DROPPED, FLUSH_INTERVAL, SENT, SWEEP_INTERVAL, ReplyBudget
+from .scheduler import SCHEDULED, Scheduler
 from .workers import WorkerTable
 
 log = logging.getLogger("warmexec")
@@ -101,6 +102,8 @@ class Supervisor:
                               self.events.publish if self.events else None,
                               cfg.max_inflight, cfg.max_inflight_per_container)
         self.table.execs = self.execs
+        self.scheduler = Scheduler(self.loop, cfg.probes, self.table, self.execs.submit, metrics, self.emit,
+                                   self.hooks, cfg.max_probes_inflight)
         if self.events is not None:
             self.loop.add(self.events.fd(), self.events.drain_subscriptions)
         self.docker_names = DockerNames(cfg.docker_host) if cfg.docker_host else None
@@ -135,6 +138,7 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)  # handlers only record: the wakeup fd
         try:
             self._periodic_rescan()
+            self.scheduler.start()
             while not self.stopping or self.execs.active:
                 self.loop.run_once(0 if self.backlog else 1.0)
                 self._on_router(0)
@@ -148,6 +152,7 @@ class Supervisor:
         """Stop taking requests; in-flight execs may finish for up to grace seconds."""
         if not self.stopping:
             self.stopping = True
+            self.scheduler.stop()
             self._grace_end = time.monotonic() + grace
             log.info("shutting down, %d execs in flight", self.execs.active)
 
@@ -255,6 +260,9 @@ class Supervisor:
                 self.execs.submit(envelope, req_id, exec_req)
             elif op == "ping":
                 self.reply(envelope, messages.ok_reply(req_id, pid=os.getpid()))
+            elif op == "probes":
+                rows = [r for r in self.scheduler.describe() if rules.may_see(r["container"])]
+                self.reply(envelope, messages.ok_reply(req_id, probes=rows))
             elif op == "list":
                 rows = [r for r in self.table.describe() if rules.may_see(r["id"])]
                 self.reply(envelope, messages.ok_reply(req_id, containers=rows))
@@ -277,6 +285,8 @@ class Supervisor:
             self.reply(envelope, messages.error_reply(req_id, errors.INTERNAL, "internal error"))
 
     def reply(self, envelope: list[bytes], msg: dict) -> None:
+        if envelope and envelope[0] is SCHEDULED:
+            return self.scheduler.on_reply(msg)  # a scheduled probe's: nothing to send
         data = codec.pack(msg)
         if len(data) > SMALL_REPLY:
             return self._reply_large(envelope, data)
