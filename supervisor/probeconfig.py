@@ -79,7 +79,7 @@ def parse_module(name: str, body: Any) -> ProbeModule:
     unknown = sorted(set(body) - MODULE_KEYS)
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(MODULE_KEYS))})")
-    return ProbeModule(name=name, argv=argv_of(body.get("argv"), where),
+    return ProbeModule(name=name, argv=argv_of(body.get("argv"), f"{where}.argv"),
                        timeout=seconds(body.get("timeout", DEFAULT_TIMEOUT), f"{where}.timeout"),
                        user=_user(body.get("user"), where),
                        exit_codes=_exit_codes(body.get("exit_codes", [0]), where),
@@ -90,7 +90,7 @@ def parse_module(name: str, body: Any) -> ProbeModule:
 def argv_of(value: Any, where: str) -> tuple[str, ...]:
     strings = isinstance(value, list) and all(isinstance(a, str) and "\0" not in a for a in value)
     if not strings or not value or not value[0]:
-        raise ValueError(f"{where}.argv must be a non-empty list of strings")
+        raise ValueError(f"{where} must be a non-empty list of strings")
     return tuple(value)
 
 
