@@ -23,7 +23,7 @@ from ..conftest import REPO
 GRAFANA = os.path.join(REPO, "grafana")
 DASHBOARD = os.path.join(GRAFANA, "dashboards", "warmexec.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
-ROWS = ["Overview", "Latency", "Exit codes", "Errors", "Workers", "Hooks"]
+ROWS = ["Overview", "Latency", "Exit codes", "Errors", "Workers", "Probes", "Hooks"]
 METRIC = re.compile(r"warmexec_[a-z_]+")
 SELECTOR = re.compile(r"(warmexec_[a-z_]+)\{([^}]*)\}")
 MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*"')
