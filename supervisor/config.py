@@ -9,6 +9,7 @@
     scan_interval = 2.0
     events = "ipc:///run/warmexec/events.sock"
     docker_host = "unix:///var/run/docker.sock"   # "" to read no Docker names
+    docker_healthchecks = false  # true: Docker containers' HEALTHCHECKs run as scheduled probes
 
     [limits]
     max_inflight = 1024
@@ -68,6 +69,7 @@ class Config:
     probe_modules: dict[str, ProbeModule] = field(default_factory=dict)  # what /probe may run
     probes: tuple[ProbeSpec, ...] = ()  # scheduled probes (scheduler.py)
     max_probes_inflight: int = 64  # scheduled probes in flight at once: the rest wait a period
+    docker_healthchecks: bool = False  # run Docker containers' HEALTHCHECKs as scheduled probes
 
     def with_flags(self, **flags: Any) -> Config:
         """This config with the flags that were given (None: not given) in its place."""
@@ -96,6 +98,8 @@ def load_config(path: str | None) -> Config:
         probes = parse_probes(cfg.get("probes"), modules)
     except ValueError as exc:
         raise ConfigError(f"warmexec: {path}: {exc}") from None
+    if not isinstance(cfg.get("docker_healthchecks", False), bool):
+        raise ConfigError(f"warmexec: {path}: docker_healthchecks must be true or false")
     limits = cfg.get("limits", {})
     roots = cfg.get("runc_roots")
     return Config().with_flags(
@@ -105,4 +109,5 @@ def load_config(path: str | None) -> Config:
         max_inflight_per_container=limits.get("max_inflight_per_container"), hooks=hooks,
         auth=cfg.get("auth") or None, acl=cfg.get("acl"), events=cfg.get("events"),
         docker_host=cfg.get("docker_host"), probe_modules=modules, probes=probes,
-        max_probes_inflight=limits.get("max_probes_inflight"))
+        max_probes_inflight=limits.get("max_probes_inflight"),
+        docker_healthchecks=cfg.get("docker_healthchecks"))

@@ -40,9 +40,12 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..protocol.messages import MAX_CAPTURE, MAX_TIMEOUT
+
+if TYPE_CHECKING:
+    from .names import DockerHealth
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_CAPTURE = 4096
@@ -164,6 +167,7 @@ class ProbeSpec:
     failure_threshold: int = 3
     hook: tuple[str, ...] = ()  # run on each change of health, the probe's JSON on stdin
     hook_timeout: float = 5.0
+    start_period: float = 0.0  # failures this long after the container was first seen do not count
 
     @property
     def timeout(self) -> float:
@@ -233,3 +237,29 @@ def _count(value: Any, where: str) -> int:
     if type(value) is not int or not 1 <= value <= 1000:
         raise ValueError(f"{where} must be an integer in [1, 1000]")
     return value
+
+
+# ---- Docker's HEALTHCHECK as a scheduled probe ---------------------------------------------
+
+DOCKER_PROBE = "docker"  # the probe's name: its metrics' probe label
+DOCKER_DEFAULTS = {"interval": 30.0, "timeout": 30.0, "retries": 3}  # docker's own
+DOCKER_OUTPUT = 4096  # bytes of output docker keeps of a check
+
+
+def docker_spec(health: DockerHealth) -> ProbeSpec:
+    """A container's HEALTHCHECK with docker's semantics: ``CMD`` runs its arguments,
+    ``CMD-SHELL`` its string in the container's shell (``/bin/sh -c`` unless the image
+    sets SHELL); exit 0 is healthy, anything else (1, by docker's convention) a failure,
+    as is a timeout; ``retries`` failures in a row make it unhealthy, one success healthy;
+    failures in the start period do not count. Durations of 0 are docker's defaults."""
+    if health.test[0] == "CMD-SHELL":
+        argv = (*(health.shell or ("/bin/sh", "-c")), health.test[1])
+    else:
+        argv = health.test[1:]
+    ns = 1e-9
+    timeout = min(health.timeout * ns or DOCKER_DEFAULTS["timeout"], MAX_TIMEOUT)
+    module = ProbeModule(name=DOCKER_PROBE, argv=tuple(argv), timeout=timeout, capture=DOCKER_OUTPUT)
+    return ProbeSpec(name=DOCKER_PROBE, module=module,
+                     period=min(health.interval * ns or DOCKER_DEFAULTS["interval"], MAX_TIMEOUT),
+                     success_threshold=1, failure_threshold=health.retries or DOCKER_DEFAULTS["retries"],
+                     start_period=min(health.start_period * ns, MAX_TIMEOUT))

@@ -33,7 +33,7 @@ from .hooks import Hooks
 from .lifecycle import Emit
 from .loop import Loop, Timer
 from .metrics import Metrics
-from .probeconfig import ProbeSpec, succeeded
+from .probeconfig import ProbeSpec, docker_spec, succeeded
 from .probestate import ERROR, FAILURE, SUCCESS, TIMEOUT, Health, first_run, next_run, selects
 from .workers import WorkerTable
 
@@ -62,6 +62,7 @@ class Probe:
     cid: str
     health: Health
     planned: float  # monotonic time of the next (or current) planned run
+    seen_at: float = 0.0  # monotonic time the container was first seen (the start period's start)
     timer: Timer | None = None
     running: int | None = None  # the request id of the run in flight
     started: float = 0.0
@@ -73,20 +74,22 @@ class Probe:
 
 class Scheduler:
     def __init__(self, loop: Loop, specs: tuple[ProbeSpec, ...], table: WorkerTable, submit: Submit,
-                 metrics: Metrics | None, emit: Emit, hooks: Hooks, budget: int) -> None:
+                 metrics: Metrics | None, emit: Emit, hooks: Hooks, budget: int,
+                 docker_healthchecks: bool = False) -> None:
         self.loop, self.specs, self.table, self.submit = loop, specs, table, submit
         self.metrics, self.emit, self.hooks, self.budget = metrics, emit, hooks, budget
         self.probes: dict[tuple[str, str], Probe] = {}
         self.by_request: dict[int, Probe] = {}
         self.ids = itertools.count(1)
         self.inflight = 0
+        self.docker_healthchecks = docker_healthchecks
         self.stopped = False
         self._sync_timer: Timer | None = None
         if metrics is not None:
             metrics.watch_probes(self.gauges)
 
     def start(self) -> None:
-        if self.specs:
+        if self.specs or self.docker_healthchecks:
             self._sync()
 
     def stop(self) -> None:
@@ -109,13 +112,19 @@ class Scheduler:
                     present.add((spec.name, cid))
                     if (spec.name, cid) not in self.probes:
                         self._add(spec, cid, now)
+            docker = self.table.names.docker.get(cid) if self.docker_healthchecks else None
+            if docker is not None and docker.health is not None:
+                spec = docker_spec(docker.health)
+                present.add((spec.name, cid))
+                if (spec.name, cid) not in self.probes:
+                    self._add(spec, cid, now)
         for key in [k for k in self.probes if k not in present]:
             self._drop(self.probes.pop(key))
         self._sync_timer = self.loop.call_at(now + SYNC_INTERVAL, self._sync)
 
     def _add(self, spec: ProbeSpec, cid: str, now: float) -> None:
         p = Probe(spec, cid, Health(spec.success_threshold, spec.failure_threshold),
-                  first_run(now, spec.initial_delay, spec.name, cid, spec.period))
+                  first_run(now, spec.initial_delay, spec.name, cid, spec.period), seen_at=now)
         self.probes[(spec.name, cid)] = p
         p.timer = self.loop.call_at(p.planned, lambda: self._tick(p))
 
@@ -176,6 +185,8 @@ class Scheduler:
                   "error": error, "output": output[:OUTPUT_KEPT].decode(errors="replace")}
         if self.metrics is not None:
             self.metrics.probe_result(p.spec.name, p.cid, result, took, p.lag)
+        if result != SUCCESS and time.monotonic() < p.seen_at + p.spec.start_period:
+            return  # docker's start period: a failure is shown, not counted
         previous = p.health.status
         change = p.health.record(result == SUCCESS)
         if change is not None:

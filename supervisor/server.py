@@ -103,10 +103,10 @@ class Supervisor:
                               cfg.max_inflight, cfg.max_inflight_per_container)
         self.table.execs = self.execs
         self.scheduler = Scheduler(self.loop, cfg.probes, self.table, self.execs.submit, metrics, self.emit,
-                                   self.hooks, cfg.max_probes_inflight)
+                                   self.hooks, cfg.max_probes_inflight, cfg.docker_healthchecks)
         if self.events is not None:
             self.loop.add(self.events.fd(), self.events.drain_subscriptions)
-        self.docker_names = DockerNames(cfg.docker_host) if cfg.docker_host else None
+        self.docker_names = DockerNames(cfg.docker_host, cfg.docker_healthchecks) if cfg.docker_host else None
         if self.docker_names is not None:
             self.loop.add(self.docker_names.fd, self._on_docker_names)
         if metrics is not None:

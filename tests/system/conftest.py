@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from bench.dockerbox import DockerBox, DockerUnavailable
 from bench.enginebox import Result
 from bench.harness import SupervisorProcess, wait_for, wait_ready  # noqa: F401 - re-exported
 from bench.runcbox import RuncBox
@@ -170,3 +171,14 @@ def dashboard_probed(box, hooked_client):
     wait_ready(hooked_client, cid)
     yield cid
     box.delete(cid)
+
+
+@pytest.fixture(scope="session")
+def docker():
+    """A private dockerd (bench/dockerbox.py) for the session; skipped where none can run."""
+    try:
+        box = DockerBox()
+    except DockerUnavailable as exc:
+        pytest.skip(f"no private dockerd on this host: {exc}")
+    yield box
+    box.cleanup()

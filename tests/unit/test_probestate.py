@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from warmexec.supervisor.cli import probe_table
-from warmexec.supervisor.probeconfig import parse_modules, parse_probes
+from warmexec.supervisor.names import docker_health
+from warmexec.supervisor.probeconfig import docker_spec, parse_modules, parse_probes
 from warmexec.supervisor.probestate import HEALTHY, UNHEALTHY, UNKNOWN, Health, next_run, offset, selects
 
 MODULES = parse_modules({"alive": {"argv": ["cat", "/tmp/ok"], "timeout": 9, "regex": "ok"}})
@@ -113,3 +114,40 @@ def test_the_probes_table_lists_unhealthy_first():
                                 "3", "3", "1m10s", "0s"]
     assert lines[2].split()[:4] == ["alive", "c3", "unknown", "-"]
     assert lines[3].split() == ["alive", "web", "healthy", "success", "0", "1.2ms", "4", "9", "1m40s", "3s"]
+
+
+# ---- Docker's HEALTHCHECK (the shape of `docker inspect`'s Config) ----------------------
+def test_a_docker_cmd_shell_healthcheck_becomes_a_probe_with_dockers_semantics():
+    config = {"Healthcheck": {"Test": ["CMD-SHELL", "cat /tmp/healthy"], "Interval": 1_000_000_000,
+                              "Timeout": 2_500_000_000, "Retries": 2, "StartPeriod": 5_000_000_000},
+              "Shell": None, "Image": "busybox"}
+    spec = docker_spec(docker_health(config))
+    assert spec.name == "docker" and spec.module.argv == ("/bin/sh", "-c", "cat /tmp/healthy")
+    assert (spec.period, spec.timeout, spec.failure_threshold, spec.success_threshold, spec.start_period) == (
+        1.0, 2.5, 2, 1, 5.0)
+    assert spec.module.exit_codes == {0} and spec.module.capture == 4096
+
+
+def test_a_docker_cmd_healthcheck_runs_its_arguments_and_shell_and_defaults_apply():
+    spec = docker_spec(docker_health({"Healthcheck": {"Test": ["CMD", "/bin/check", "--quick"]}}))
+    assert spec.module.argv == ("/bin/check", "--quick")
+    assert (spec.period, spec.timeout, spec.failure_threshold, spec.start_period) == (30.0, 30.0, 3, 0.0)
+    shell = docker_spec(docker_health({"Healthcheck": {"Test": ["CMD-SHELL", "exit 0"]},
+                                       "Shell": ["/bin/bash", "-o", "pipefail", "-c"]}))
+    assert shell.module.argv == ("/bin/bash", "-o", "pipefail", "-c", "exit 0")
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"Healthcheck": None}, {"Healthcheck": {"Test": ["NONE"]}}, {"Healthcheck": {"Test": []}},
+    {"Healthcheck": {"Test": ["CMD"]}}, {"Healthcheck": {"Test": "CMD-SHELL true"}},
+    {"Healthcheck": {"Test": ["CMD-SHELL", 3]}},
+])
+def test_no_healthcheck_a_disabled_or_a_malformed_one_is_no_probe(config):
+    assert docker_health(config) is None
+
+
+def test_bad_durations_from_the_engine_fall_back_to_dockers_defaults():
+    h = docker_health({"Healthcheck": {"Test": ["CMD", "true"], "Interval": -5, "Timeout": "1s",
+                                       "Retries": True}})
+    spec = docker_spec(h)
+    assert (spec.period, spec.timeout, spec.failure_threshold) == (30.0, 30.0, 3)
