@@ -105,9 +105,11 @@ def probing(box: RuncBox, cids: list[str], workdir: str, args: argparse.Namespac
             wait_all_ready(client, cids, 60 + 0.2 * len(cids))
             time.sleep(2 * args.period)  # the spread first runs of every container: steady state
             procs = tree(sup.proc.pid)
+            s0 = time.perf_counter()  # runs are counted scrape to scrape, CPU snapshot to snapshot
             m0, before, t0 = scrape(sup.metrics_port), cpu_snapshot(procs), time.perf_counter()
             time.sleep(args.seconds)  # the probes' own pace: nothing else runs meanwhile
             after, wall, m1 = cpu_snapshot(procs), time.perf_counter() - t0, scrape(sup.metrics_port)
+            counted = time.perf_counter() - s0
             by_role, lost = cpu_delta(before, after)
             delta = lambda family, **labels: (counter(m1[family], family + "_total", **labels)  # noqa: E731
                                               - counter(m0[family], family + "_total", **labels))
@@ -115,7 +117,7 @@ def probing(box: RuncBox, cids: list[str], workdir: str, args: argparse.Namespac
             skipped = delta("warmexec_probe_skipped")
             cpu = sum(by_role.values())
             row = {"containers": len(cids), "period_s": args.period, "seconds": round(wall, 2),
-                   "planned_runs": round(len(cids) * wall / args.period), "runs": runs, "skipped": skipped,
+                   "planned_runs": round(len(cids) * counted / args.period), "runs": runs, "skipped": skipped,
                    "not_success": runs - ok,
                    "cpu_pct_of_one_core": round(100 * cpu / wall, 2),
                    "cpu_by_part_pct": {k: round(100 * v / wall, 2) for k, v in by_role.items()},
