@@ -85,7 +85,10 @@ class Loopback:
 
     async def _read(self) -> None:
         while True:
-            msg = codec.unpack_map(await self.sock.recv())
+            try:
+                msg = codec.unpack_map(await self.sock.recv())
+            except codec.ProtocolError:  # never from our own loop; if it were, one reply is lost
+                continue
             waiting = self.pending.get(msg.get("id"))
             if waiting is not None and not waiting.done():  # a reply given up on is dropped
                 waiting.set_result(msg)
