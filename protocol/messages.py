@@ -25,7 +25,7 @@ from .fields import optional as _optional
 from .streams import STREAM_OPS, StreamOptions, parse_options
 
 VERSION = 1
-OPS = ("exec", "ping", "list", "attach", "detach", *STREAM_OPS)
+OPS = ("exec", "ping", "list", "attach", "detach", "probes", *STREAM_OPS)
 
 DEFAULT_CAPTURE = 64 * 1024
 MAX_CAPTURE = 16 << 20  # per stream: what containerd keeps of an ExecSync (CRI)

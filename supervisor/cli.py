@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from ..protocol import errors
 from ..protocol.client import DEFAULT_ENDPOINT, Client, default_endpoint, too_large
@@ -110,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     _endpoint(ls)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
+
+    pr = sub.add_parser("probes", help="the scheduled probes ([[probes]]) and their containers' health")
+    _endpoint(pr)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_probes)
 
     a = sub.add_parser("attach", help="make any process's namespaces an exec target")
     _endpoint(a)
@@ -230,6 +236,46 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(fmt.format(short, r.get("name") or "-", kind, r.get("image") or "-", pod, r["state"],
                          r["inflight"], r["restarts"]))
     return 0
+
+
+def cmd_probes(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        rows = c.call("probes")["probes"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(probe_table(rows, time.time()), end="")
+    return 0
+
+
+def probe_table(rows: list[dict], now: float) -> str:
+    """Unhealthy first, then unknown, then healthy; each a line people read at a glance."""
+    fmt = "{:<16} {:<24} {:<10} {:<26} {:>5} {:>9} {:>6} {:>6} {:>8} {:>6}\n"
+    out = [fmt.format("PROBE", "CONTAINER", "STATUS", "LAST RESULT", "EXIT", "DURATION", "STREAK", "RUNS",
+                      "SINCE", "NEXT")]
+    order = {"unhealthy": 0, "unknown": 1, "healthy": 2}
+    for r in sorted(rows, key=lambda r: (order.get(r["status"], 1), r["probe"], r["name"] or r["container"])):
+        last = r.get("last") or {}
+        result = last.get("result", "-")
+        if last.get("error"):
+            result = f"error {last['error']['code']}"
+        exit_code = last.get("exit_code")
+        duration = f"{last['duration'] * 1000:.1f}ms" if "duration" in last else "-"
+        since = _ago(now - r["changed_at"]) if r.get("changed_at") else "-"
+        out.append(fmt.format(r["probe"][:16], (r.get("name") or r["container"])[:24], r["status"],
+                              result[:26] + ("*" if r.get("running") else ""),
+                              "-" if exit_code is None else exit_code, duration, r["streak"], r["runs"],
+                              since, _ago(r["next_in"])))
+    return "".join(out)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _simple(args: argparse.Namespace, op: str, name: str | None = None, pid: int | None = None) -> int:

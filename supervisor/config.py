@@ -9,10 +9,12 @@
     scan_interval = 2.0
     events = "ipc:///run/warmexec/events.sock"
     docker_host = "unix:///var/run/docker.sock"   # "" to read no Docker names
+    docker_healthchecks = false  # true: Docker containers' HEALTHCHECKs run as scheduled probes
 
     [limits]
     max_inflight = 1024
     max_inflight_per_container = 256
+    max_probes_inflight = 64     # scheduled probes ([[probes]]) running at once
 
     [[hooks.start]]              # once the exec's pid is known
     command = ["/usr/local/bin/audit-exec"]
@@ -22,6 +24,15 @@
     command = ["logger", "-t", "warmexec"]
 
     [auth]                       # CurveZMQ, for tcp:// endpoints (see auth.py)
+
+    [probe_modules.alive]        # GET /probe?container=C&module=alive (probeconfig.py)
+    argv = ["cat", "/tmp/healthy"]
+    timeout = 2
+
+    [[probes]]                   # scheduled in the supervisor (probeconfig.py, scheduler.py)
+    name = "alive"
+    module = "alive"
+    period = 10
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from typing import Any
 
 from ..protocol.client import DEFAULT_ENDPOINT
 from .discovery import DEFAULT_ROOTS
+from .probeconfig import ProbeModule, ProbeSpec, parse_modules, parse_probes
 
 
 class ConfigError(SystemExit):
@@ -54,6 +66,10 @@ class Config:
     insecure_tcp: bool = False  # serve tcp:// without CurveZMQ
     events: str | None = None  # the event stream's PUB endpoint
     docker_host: str = "unix:///var/run/docker.sock"  # Docker's names from its API ("": none)
+    probe_modules: dict[str, ProbeModule] = field(default_factory=dict)  # what /probe may run
+    probes: tuple[ProbeSpec, ...] = ()  # scheduled probes (scheduler.py)
+    max_probes_inflight: int = 64  # scheduled probes in flight at once: the rest wait a period
+    docker_healthchecks: bool = False  # run Docker containers' HEALTHCHECKs as scheduled probes
 
     def with_flags(self, **flags: Any) -> Config:
         """This config with the flags that were given (None: not given) in its place."""
@@ -77,6 +93,13 @@ def load_config(path: str | None) -> Config:
                 raise ConfigError(f"warmexec: {path}: hooks.{kind}.command must be a list of strings")
             if not isinstance(hook.get("timeout", 5), (int, float)):
                 raise ConfigError(f"warmexec: {path}: hooks.{kind}.timeout must be a number")
+    try:
+        modules = parse_modules(cfg.get("probe_modules"))
+        probes = parse_probes(cfg.get("probes"), modules)
+    except ValueError as exc:
+        raise ConfigError(f"warmexec: {path}: {exc}") from None
+    if not isinstance(cfg.get("docker_healthchecks", False), bool):
+        raise ConfigError(f"warmexec: {path}: docker_healthchecks must be true or false")
     limits = cfg.get("limits", {})
     roots = cfg.get("runc_roots")
     return Config().with_flags(
@@ -85,4 +108,6 @@ def load_config(path: str | None) -> Config:
         scan_interval=cfg.get("scan_interval"), max_inflight=limits.get("max_inflight"),
         max_inflight_per_container=limits.get("max_inflight_per_container"), hooks=hooks,
         auth=cfg.get("auth") or None, acl=cfg.get("acl"), events=cfg.get("events"),
-        docker_host=cfg.get("docker_host"))
+        docker_host=cfg.get("docker_host"), probe_modules=modules, probes=probes,
+        max_probes_inflight=limits.get("max_probes_inflight"),
+        docker_healthchecks=cfg.get("docker_healthchecks"))

@@ -10,6 +10,7 @@ event's fields (see docs/OBSERVABILITY.md). Subscribers filter by topic prefix::
     container.added  container, pid, source, pod, namespace
     container.removed container, reason
     hook.failed      kind, reason, command
+    probe.changed    probe, container, name, pod, namespace, status, previous, streak, last
 
 A slow subscriber is never waited for: past the high-water mark, events are dropped
 (XPUB_NODROP makes that visible) and counted in ``warmexec_events_dropped_total``.

@@ -81,6 +81,10 @@ class Hooks:
                 self._count(kind, "dropped")
 
     # ---- command hooks -------------------------------------------------------------
+    def run(self, kind: str, hook: dict, doc: dict) -> None:
+        """One command hook ({command, timeout}) with doc on stdin (probe hooks)."""
+        self._run(kind, hook, doc)
+
     def _run(self, kind: str, hook: dict, doc: dict) -> None:
         if len(self.running) >= MAX_RUNNING:
             return self._count(kind, "dropped")

@@ -5,23 +5,18 @@ counters, bounded labels (container, exit code, error code: never pid or argv).
 Gauges about workers and in-flight execs are computed at scrape time from the live
 container table, so they cannot drift. The ``container`` label can be dropped for
 hosts with thousands of containers; its series are removed when a container goes away.
-They are served over HTTP by :class:`MetricsServer`, bounded in connections, threads
-and time (any local user can reach it).
+They are served over HTTP by httpserver.py's ``MetricsServer``, bounded in connections,
+threads and time (any local user can reach it).
 """
 
 from __future__ import annotations
 
-import asyncio
-import gzip
 import logging
 import signal
-import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import (
-    REGISTRY,
     CollectorRegistry,
     Counter,
     Histogram,
@@ -30,7 +25,6 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from ..protocol.errors import ALL
 from .lifecycle import State
@@ -41,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("warmexec")
 
-HOOK_KINDS = ("start", "exit")
+HOOK_KINDS = ("start", "exit", "probe")
 HOOK_FAILURES = ("timeout", "exit_status", "spawn", "dropped", "exception")
 
 # 50 µs .. 10 s: the warm path lives at the bottom, runc-like execs and hangs at the top.
@@ -92,8 +86,22 @@ class Metrics:
                                      ("kind", "reason"), registry=r)
         self.events_dropped = Counter("warmexec_events_dropped",
                                       "Events not published: a subscriber was too slow", registry=r)
+        p = ("probe", *c)
+        self.probe_duration = Histogram("warmexec_probe_duration_seconds", "Scheduled probes, run to result",
+                                        ("probe",), registry=r, buckets=DURATION_BUCKETS)
+        self.probe_lag = Histogram("warmexec_probe_lag_seconds", "Scheduled probes, planned to started",
+                                   registry=r, buckets=SPAWN_BUCKETS)
+        self.probe_results = Counter("warmexec_probe_results", "Scheduled probe runs, by result",
+                                     (*p, "result"), registry=r)
+        self.probe_transitions = Counter("warmexec_probe_transitions",
+                                         "Scheduled probes' changes of health, by the new status",
+                                         (*p, "to"), registry=r)
+        self.probe_skipped = Counter("warmexec_probe_skipped", "Scheduled probe runs not made, by reason",
+                                     ("probe", "reason"), registry=r)
         self._table: Callable[[], Iterable[Served]] = lambda: ()
+        self._probes: Callable[[], Iterable[tuple[str, str, bool | None, str]]] = lambda: ()
         r.register(_LiveCollector(self))
+        r.register(_ProbeCollector(self))
         ProcessCollector(registry=r)  # the supervisor's own CPU, memory, fds
         PlatformCollector(registry=r)
         # Series that exist from the start, at 0: rate() and increase() then see the
@@ -108,6 +116,28 @@ class Metrics:
     def watch(self, table: Callable[[], Iterable[Served]]) -> None:
         """Give the scrape-time gauges the container table (a callable returning runtimes)."""
         self._table = table
+
+    def watch_probes(self, rows: Callable[[], Iterable[tuple[str, str, bool | None, str]]]) -> None:
+        """Give the scrape-time probe gauges the scheduler's (probe, container, last ok, status)."""
+        self._probes = rows
+
+    # ---- scheduled probes (the loop) -----------------------------------------------
+    def probe_result(self, probe: str, container: str, result: str, seconds: float, lag: float) -> None:
+        self.probe_results.labels(probe, *self._c(container), result).inc()
+        self.probe_duration.labels(probe).observe(seconds)
+        self.probe_lag.observe(lag)
+
+    def probe_transition(self, probe: str, container: str, to: str) -> None:
+        self.probe_transitions.labels(probe, *self._c(container), to).inc()
+
+    def probe_skip(self, probe: str, reason: str) -> None:
+        self.probe_skipped.labels(probe, reason).inc()
+
+    def forget_probe(self, probe: str, container: str) -> None:
+        if self.container_label:
+            for metric in (self.probe_results, self.probe_transitions):
+                for labels in [k for k in list(metric._metrics) if k[:2] == (probe, container)]:
+                    metric.remove(*labels)
 
     def _c(self, container: str) -> tuple[str, ...]:
         if not self.container_label:
@@ -226,113 +256,33 @@ class _LiveCollector:
         yield GaugeMetricFamily("warmexec_containers", "Active containers", value=len(rows))
 
 
-# ---- the HTTP endpoint ---------------------------------------------------------------
+class _ProbeCollector:
+    """warmexec_probe_success and warmexec_probe_healthy, read from the scheduler."""
 
-MAX_CONNECTIONS = 32  # open at once; past it the oldest still sending its request goes
-REQUEST_TIMEOUT = 5.0  # seconds to send the request line and headers
-WRITE_TIMEOUT = 10.0  # seconds to take the response
-MAX_REQUEST_HEAD = 8192  # bytes of request line and headers
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
-
-class MetricsServer:
-    """The metrics endpoint: one thread running one asyncio loop, bounded everywhere.
-
-    prometheus_client's own server starts a thread per connection and reads without a
-    timeout: a local user opening connections that never send a byte pinned one thread
-    each, without limit. Here a connection is a coroutine on one thread. It has
-    REQUEST_TIMEOUT to send a request head of at most MAX_REQUEST_HEAD bytes and
-    WRITE_TIMEOUT to take its response, one response per connection. At most
-    MAX_CONNECTIONS are open: a new one past that closes the oldest connection still
-    waiting for its request (itself, if it is the only one), so idle or slow clients can
-    neither lock a scraper out for long nor pin more than MAX_CONNECTIONS head buffers
-    and responses.
-    """
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self.registry = registry
-        self.loop = asyncio.new_event_loop()
-        # Open connections, oldest first -> True while it has not sent its request.
-        self.live: dict[asyncio.StreamWriter, bool] = {}
-        self.server = self.loop.run_until_complete(  # a bind error is raised here, at once
-            asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_HEAD))
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.thread = threading.Thread(target=self.loop.run_forever, name="warmexec-metrics",
-                                       daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        """Stop serving, end every connection, stop the thread (tests; a supervisor
-        exits with it running)."""
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-    async def _shutdown(self) -> None:
-        self.server.close()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._admit(writer)
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-            if writer in self.live:
-                self.live[writer] = False
-            writer.transport.set_write_buffer_limits(0)  # drain() returns once all is sent
-            writer.write(self.respond(head))
-            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            pass
-        except Exception:
-            log.exception("internal error serving metrics")
-        finally:
-            self.live.pop(writer, None)
-            writer.transport.abort()  # sent, or not taken in time: nothing is left to wait for
-
-    def _admit(self, writer: asyncio.StreamWriter) -> None:
-        """Past MAX_CONNECTIONS, close the oldest connection yet to send its request."""
-        self.live[writer] = True
-        if len(self.live) > MAX_CONNECTIONS:
-            victim = next(w for w, waiting in self.live.items() if waiting)  # writer, at worst
-            del self.live[victim]
-            victim.transport.abort()  # its coroutine ends on the reset
-
-    def respond(self, head: bytes) -> bytes:
-        """The whole HTTP response to a request head, as prometheus_client's own server
-        answers it: any path but /favicon.ico is the scrape."""
-        lines = head.decode("latin-1").split("\r\n")
-        method, _, rest = lines[0].partition(" ")
-        url = urlsplit(rest.rpartition(" ")[0] or rest)
-        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        if method == "OPTIONS":
-            return _http("200 OK", [("Allow", "OPTIONS,GET")], b"")
-        if method != "GET":
-            return _http("405 Method Not Allowed", [("Allow", "OPTIONS,GET")],
-                         f"# HTTP 405 Method Not Allowed: {method[:32]}; use OPTIONS or GET\n".encode())
-        if url.path == "/favicon.ico":
-            return _http("200 OK", [], b"")
-        encoder, content_type = choose_encoder(fields.get("accept", ""))
-        registry = self.registry
-        names = parse_qs(url.query).get("name[]")
-        if names:
-            registry = registry.restricted_registry(names)
-        body, headers = encoder(registry), [("Content-Type", content_type)]
-        if gzip_accepted(fields.get("accept-encoding", "")):
-            body = gzip.compress(body)
-            headers.append(("Content-Encoding", "gzip"))
-        return _http("200 OK", headers, body)
-
-
-def _http(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
-    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers),
-             f"Content-Length: {len(body)}", "Connection: close", "", ""]
-    return "\r\n".join(lines).encode("latin-1") + body
-
-
-def start_http_server(port: int, addr: str = "127.0.0.1",
-                      registry: CollectorRegistry = REGISTRY) -> MetricsServer:
-    """prometheus_client.start_http_server's signature, served by MetricsServer."""
-    return MetricsServer(registry, addr, port)
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for _ in range(3):  # the loop thread may change the probes mid-scrape: retry
+            try:
+                rows = list(self.metrics._probes())
+                break
+            except RuntimeError:
+                continue
+        else:
+            return
+        labels = ["probe", "container", "pod", "namespace"] if self.metrics.container_label else ["probe"]
+        success = GaugeMetricFamily("warmexec_probe_success",
+                                    "Whether a scheduled probe's last run succeeded (absent before one)",
+                                    labels=labels)
+        healthy = GaugeMetricFamily("warmexec_probe_healthy",
+                                    "Whether a scheduled probe's container is healthy by its thresholds "
+                                    "(absent while unknown)", labels=labels)
+        for probe, container, last_ok, status in rows:
+            values = [probe, *self.metrics._c(container)]
+            if last_ok is not None:
+                success.add_metric(values, 1 if last_ok else 0)
+            if status != "unknown":
+                healthy.add_metric(values, 1 if status == "healthy" else 0)
+        yield success
+        yield healthy

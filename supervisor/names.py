@@ -35,9 +35,22 @@ MAX_MATCHES_SHOWN = 5
 
 
 @dataclass(frozen=True)
+class DockerHealth:
+    """A container's HEALTHCHECK as the engine has it (Config.Healthcheck; durations in ns)."""
+
+    test: tuple[str, ...]  # ("CMD", arg...), ("CMD-SHELL", command), ("NONE",)
+    interval: int = 0  # 0: docker's default
+    timeout: int = 0
+    retries: int = 0
+    start_period: int = 0
+    shell: tuple[str, ...] = ()  # Config.Shell: what CMD-SHELL runs in (default /bin/sh -c)
+
+
+@dataclass(frozen=True)
 class DockerInfo:
     name: str  # without the leading "/"
     image: str
+    health: DockerHealth | None = None  # read only with docker_healthchecks = true
 
 
 def engine(info: Container) -> tuple[str, str | None]:
@@ -122,6 +135,11 @@ class Names:
         own = self._of.get(cid)
         return own[-1] if own else None
 
+    def known_as(self, cid: str) -> list[str]:
+        """Every name of cid: its id, its Docker name, its aliases (probe selectors)."""
+        found = self.docker.get(cid)
+        return [cid, *([found.name] if found is not None else []), *self._of.get(cid, [])]
+
     def resolve(self, ref: str, ids: Iterable[str]) -> str | None:
         """The id ref names (a name, an alias, or a unique prefix of one of ids), None
         if it names none; WarmexecError if it is a prefix of several."""
@@ -148,8 +166,10 @@ class DockerNames:
     one to ``deliver`` on the supervisor's loop (through ``fd``, which turns readable).
     It never blocks the loop, and an engine that is down only delays names."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, healthchecks: bool = False) -> None:
         self.host = host
+        self.healthchecks = healthchecks  # also inspect each new container for its HEALTHCHECK
+        self._health: dict[str, DockerHealth | None] = {}  # id -> its healthcheck (fixed for its life)
         self.updates: queue.SimpleQueue[dict[str, DockerInfo]] = queue.SimpleQueue()
         self.fd, self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._run, name="warmexec-docker-names", daemon=True)
@@ -198,12 +218,47 @@ class DockerNames:
             # Only the events that change names: a docker exec's own events (several per
             # exec) must cost the supervisor nothing.
             events = client.api.events(decode=True, filters={"type": "container", "event": sorted(RELIST_ON)})
-            self._publish(_listed(client.api.containers(all=True)))  # after subscribing: no gap
+            self._publish(self._with_health(client, _listed(client.api.containers(all=True))))  # no gap
             for event in events:
                 if event.get("Action", "").split(":")[0] in RELIST_ON:  # the engine filters too
-                    self._publish(_listed(client.api.containers(all=True)))
+                    self._publish(self._with_health(client, _listed(client.api.containers(all=True))))
         finally:
             client.close()
+
+
+    def _with_health(self, client: object, listed: dict[str, DockerInfo]) -> dict[str, DockerInfo]:
+        """With docker_healthchecks, each container's HEALTHCHECK: one inspect per new
+        container (a container's config does not change), forgotten when it goes."""
+        if not self.healthchecks:
+            return listed
+        self._health = {cid: h for cid, h in self._health.items() if cid in listed}
+        for cid in listed:
+            if cid not in self._health:
+                try:
+                    self._health[cid] = docker_health(client.api.inspect_container(cid).get("Config") or {})
+                except Exception as exc:  # noqa: BLE001 - gone meanwhile, or the engine failed: next list
+                    log.debug("docker inspect %s: %s", cid[:12], exc)
+                    continue
+        return {cid: DockerInfo(d.name, d.image, self._health.get(cid)) for cid, d in listed.items()}
+
+
+def docker_health(config: dict) -> DockerHealth | None:
+    """Config.Healthcheck (and Config.Shell) of docker's inspect, checked: None if absent,
+    disabled (NONE) or malformed."""
+    hc = config.get("Healthcheck")
+    if not isinstance(hc, dict):
+        return None
+    test = hc.get("Test")
+    if not isinstance(test, list) or not test or not all(isinstance(t, str) for t in test):
+        return None
+    if test[0] not in ("CMD", "CMD-SHELL") or len(test) < 2:  # NONE: disabled by the image or run
+        return None
+    shell = config.get("Shell")
+    shell = tuple(shell) if isinstance(shell, list) and all(isinstance(x, str) for x in shell) else ()
+    fields = {"interval": "Interval", "timeout": "Timeout", "retries": "Retries",
+              "start_period": "StartPeriod"}
+    ints = {k: v if type(v := hc.get(key)) is int and v >= 0 else 0 for k, key in fields.items()}
+    return DockerHealth(tuple(test), shell=shell, **ints)
 
 
 def _listed(rows: list[dict]) -> dict[str, DockerInfo]:

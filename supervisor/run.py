@@ -7,7 +7,9 @@ import logging
 import resource
 
 from .config import Config
-from .metrics import Metrics, start_http_server
+from .exporter import Exporter, Loopback
+from .httpserver import start_http_server
+from .metrics import Metrics
 from .server import Supervisor
 
 log = logging.getLogger("warmexec")
@@ -31,8 +33,11 @@ def serve(args: argparse.Namespace, cfg: Config) -> int:
     sup = Supervisor(cfg, metrics)
     if cfg.metrics_addr:
         host, _, port = cfg.metrics_addr.rpartition(":")
-        start_http_server(int(port), host or "127.0.0.1", registry=metrics.registry)
-        log.info("metrics on http://%s/metrics", cfg.metrics_addr)
+        exporter = Exporter(Loopback(sup.ctx, sup.loopback_endpoint), cfg.probe_modules)
+        http = start_http_server(int(port), host or "127.0.0.1", registry=metrics.registry,
+                                 routes=exporter.routes(), on_close=exporter.close)
+        sup.on_close.append(http.close)  # its loopback socket must close before the context ends
+        log.info("metrics on http://%s/metrics, probes on /probe, discovery on /sd", cfg.metrics_addr)
     log.info("warmexec serving on %s", sup.endpoint)
     sup.serve_forever()
     return 0

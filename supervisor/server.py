@@ -4,7 +4,9 @@ One thread runs one epoll loop (loop.py). Requests come in on the ROUTER socket,
 decoded and checked (protocol/), and go to the exec path (execpath.py) or the worker
 table (workers.py); replies go back the same way, those over a few KiB within a byte
 budget per client (replies.py). Discovery rescans the state roots on inotify events
-and on a timer.
+and on a timer. A second ROUTER, on an inproc endpoint only this process can reach,
+takes the metrics thread's probes (exporter.py) as requests like any other; their
+replies go back on it (``LOOPBACK`` heads their envelopes).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -30,6 +33,7 @@ from .loop import Loop, Timer
 from .metrics import Metrics
 from .names import DockerNames
 from .replies import DROPPED, FLUSH_INTERVAL, SENT, SWEEP_INTERVAL, ReplyBudget
+from .scheduler import SCHEDULED, Scheduler
 from .workers import WorkerTable
 
 log = logging.getLogger("warmexec")
@@ -44,6 +48,14 @@ SMALL_REPLY = 4 << 10  # bytes: a reply up to this is copied into zmq, bounded b
 NOBLOCK = int(zmq.NOBLOCK)
 MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+class _Loopback(bytes):
+    """The type of LOOPBACK: no frame received from a socket is ever this object."""
+
+
+#: First in the envelope of a request from the loopback socket: its reply goes back there.
+LOOPBACK = _Loopback(b"")
 
 
 class Supervisor:
@@ -76,6 +88,13 @@ class Supervisor:
         if self.auth is not None:
             self.auth.secure(self.ctx, self.router)
         self.endpoint = bind(self.router, cfg.endpoint)
+        # The metrics thread's probes (exporter.py): an exec like any other, counted and
+        # bounded by the same limits, with no key to hold (only this process can connect).
+        self.loopback = self.ctx.socket(zmq.ROUTER)
+        self.loopback.setsockopt(zmq.LINGER, 0)
+        self.loopback_endpoint = f"inproc://warmexec-loopback-{id(self):x}"
+        self.loopback.bind(self.loopback_endpoint)
+        self.on_close: list[Callable[[], None]] = []  # before the context ends: the metrics server
         self.watcher = inotify.Watcher()
         self.events = Events(self.ctx, cfg.events, metrics, cfg.insecure_tcp) if cfg.events else None
         self.table = WorkerTable(self.loop, self.emit, metrics)
@@ -83,14 +102,17 @@ class Supervisor:
                               self.events.publish if self.events else None,
                               cfg.max_inflight, cfg.max_inflight_per_container, self.send_event)
         self.table.execs = self.execs
+        self.scheduler = Scheduler(self.loop, cfg.probes, self.table, self.execs.submit, metrics, self.emit,
+                                   self.hooks, cfg.max_probes_inflight, cfg.docker_healthchecks)
         if self.events is not None:
             self.loop.add(self.events.fd(), self.events.drain_subscriptions)
-        self.docker_names = DockerNames(cfg.docker_host) if cfg.docker_host else None
+        self.docker_names = DockerNames(cfg.docker_host, cfg.docker_healthchecks) if cfg.docker_host else None
         if self.docker_names is not None:
             self.loop.add(self.docker_names.fd, self._on_docker_names)
         if metrics is not None:
             metrics.watch(lambda: list(self.table.containers.values()))
         self.loop.add(self.router.getsockopt(zmq.FD), self._on_router)
+        self.loop.add(self.loopback.getsockopt(zmq.FD), self._on_router)
         self.loop.add(self.watcher.fd, self._on_inotify)
         self.stopping = False
         self.backlog = False
@@ -116,6 +138,7 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)  # handlers only record: the wakeup fd
         try:
             self._periodic_rescan()
+            self.scheduler.start()
             while not self.stopping or self.execs.active:
                 self.loop.run_once(0 if self.backlog else 1.0)
                 self._on_router(0)
@@ -129,6 +152,7 @@ class Supervisor:
         """Stop taking requests; in-flight execs may finish for up to grace seconds."""
         if not self.stopping:
             self.stopping = True
+            self.scheduler.stop()
             self._grace_end = time.monotonic() + grace
             log.info("shutting down, %d execs in flight", self.execs.active)
 
@@ -138,10 +162,13 @@ class Supervisor:
             self.shutdown()
 
     def close(self) -> None:
+        for fn in self.on_close:
+            fn()
         self.table.close()
         self.hooks.close()
         self.watcher.close()
         self.router.close(linger=0)
+        self.loopback.close(linger=0)
         if self.events is not None:
             self.events.close()
         if self.auth is not None:
@@ -197,28 +224,32 @@ class Supervisor:
 
     # ---- the wire --------------------------------------------------------------
     def _on_router(self, _mask: int) -> None:
-        """Serve up to BATCH requests, then let the loop serve workers too: a flood from
-        one client must not starve everyone else's replies. ``self.backlog`` tells the
-        loop not to sleep while requests are left (ZMQ_FD is edge-triggered)."""
+        """Serve up to BATCH requests from each socket, then let the loop serve workers
+        too: a flood from one client must not starve everyone else's replies.
+        ``self.backlog`` tells the loop not to sleep while requests are left (ZMQ_FD is
+        edge-triggered)."""
+        left = self._drain(self.router, ())
+        self.backlog = self._drain(self.loopback, (LOOPBACK,)) or left
+
+    def _drain(self, sock: zmq.Socket, head: tuple[bytes, ...]) -> bool:
+        """Serve up to BATCH requests from sock; True if some may be left."""
         for _ in range(BATCH):
             # Asked first: an empty recv would raise, and pyzmq's exceptions are dear.
-            if not self.router.getsockopt(EVENTS) & POLLIN:
-                self.backlog = False
-                return
+            if not sock.getsockopt(EVENTS) & POLLIN:
+                return False
             try:
-                frames = self.router.recv_multipart(NOBLOCK, copy=self.auth is None)
+                frames = sock.recv_multipart(NOBLOCK, copy=self.auth is None or bool(head))
             except zmq.Again:
-                self.backlog = False
-                return
+                return False
             if len(frames) > MAX_FRAMES or sum(len(f) for f in frames[:-1]) > MAX_ENVELOPE:
                 self.count_error(errors.BAD_REQUEST)  # echoed, it would cost us twice
                 continue
-            if self.auth is None:
-                self.handle(frames[:-1], frames[-1], EVERYTHING)
+            if self.auth is None or head:
+                self.handle([*head, *frames[:-1]], frames[-1], EVERYTHING)
             else:
                 rules = self.auth.rules_for(frames[-1].get("User-Id"))  # the CURVE key, via ZAP
                 self.handle([f.bytes for f in frames[:-1]], frames[-1].bytes, rules)
-        self.backlog = True
+        return True
 
     def handle(self, envelope: list[bytes], payload: bytes, rules: Rules) -> None:
         req_id = None
@@ -244,6 +275,9 @@ class Supervisor:
                     self.reply(envelope, answer)
             elif op == "ping":
                 self.reply(envelope, messages.ok_reply(req_id, pid=os.getpid()))
+            elif op == "probes":
+                rows = [r for r in self.scheduler.describe() if rules.may_see(r["container"])]
+                self.reply(envelope, messages.ok_reply(req_id, probes=rows))
             elif op == "list":
                 rows = [r for r in self.table.describe() if rules.may_see(r["id"])]
                 self.reply(envelope, messages.ok_reply(req_id, containers=rows))
@@ -266,10 +300,13 @@ class Supervisor:
             self.reply(envelope, messages.error_reply(req_id, errors.INTERNAL, "internal error"))
 
     def reply(self, envelope: list[bytes], msg: dict) -> None:
+        if envelope and envelope[0] is SCHEDULED:
+            return self.scheduler.on_reply(msg)  # a scheduled probe's: nothing to send
         data = codec.pack(msg)
         if len(data) > SMALL_REPLY:
             return self._reply_large(envelope, data)
-        send = self.router.send
+        sock, envelope = self._route(envelope)
+        send = sock.send
         try:
             for frame in envelope:  # the first one (the client's identity) routes it all
                 send(frame, MORE)
@@ -313,8 +350,15 @@ class Supervisor:
             self.count_error(REPLY_DROPPED)
         self._flush_within(SWEEP_INTERVAL if outcome == SENT else FLUSH_INTERVAL)
 
+    def _route(self, envelope: list[bytes]) -> tuple[zmq.Socket, list[bytes]]:
+        """The socket a reply goes out on, and the envelope that routes it there."""
+        if envelope and envelope[0] is LOOPBACK:
+            return self.loopback, envelope[1:]
+        return self.router, envelope
+
     def _send_tracked(self, envelope: list[bytes], data: bytes) -> zmq.MessageTracker | None:
-        send = self.router.send
+        sock, envelope = self._route(envelope)
+        send = sock.send
         try:
             for frame in envelope:
                 send(frame, MORE)

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from bench.dockerbox import DockerBox, DockerUnavailable
 from bench.enginebox import Result
 from bench.harness import SupervisorProcess, wait_for, wait_ready  # noqa: F401 - re-exported
 from bench.runcbox import RuncBox
@@ -119,10 +120,23 @@ def container(box, client):
     return cid
 
 
+# The hooked supervisor's one scheduled probe, only in a container named dash-probed
+# (the dashboard_probed fixture): a failing run outlasting its period, so that every
+# panel of the dashboard's Probes row has samples (a failure, a change, a skipped tick).
+DASHBOARD_PROBE = """
+[[probes]]
+name = "dashboard"
+argv = ["sh", "-c", "sleep 0.7; exit 1"]
+containers = ["*-dash-probed"]
+period = 0.5
+failure_threshold = 1
+"""
+
+
 @pytest.fixture(scope="session")
 def hooked_supervisor(box, tmp_path_factory):
     """A start and an exit hook that write each event, with the command's NSpid, as
-    hook_dir/start-<exec id>.json and hook_dir/exit-<exec id>.json."""
+    hook_dir/start-<exec id>.json and hook_dir/exit-<exec id>.json; DASHBOARD_PROBE."""
     workdir = str(tmp_path_factory.mktemp("hooked-sup"))
     hook = os.path.join(workdir, "hook.py")
     with open(hook, "w") as f:
@@ -130,7 +144,8 @@ def hooked_supervisor(box, tmp_path_factory):
     hooks_dir = os.path.join(workdir, "hooks")
     cfg = (f'[[hooks.start]]\ncommand = ["{sys.executable}", "{hook}", "start", "{hooks_dir}"]\n'
            f'timeout = 10\n'
-           f'[[hooks.exit]]\ncommand = ["{sys.executable}", "{hook}", "exit", "{hooks_dir}"]\n')
+           f'[[hooks.exit]]\ncommand = ["{sys.executable}", "{hook}", "exit", "{hooks_dir}"]\n'
+           + DASHBOARD_PROBE)
     sup = Supervisor(box, workdir, cfg)
     yield sup
     stop_cleanly(sup)
@@ -147,3 +162,23 @@ def hooked_container(container, hooked_client):
     """The default container, warm in the hooked supervisor too."""
     wait_ready(hooked_client, container)
     return container
+
+
+@pytest.fixture
+def dashboard_probed(box, hooked_client):
+    """A container the hooked supervisor's DASHBOARD_PROBE runs in, for the test's length."""
+    cid = box.run("dash-probed")
+    wait_ready(hooked_client, cid)
+    yield cid
+    box.delete(cid)
+
+
+@pytest.fixture(scope="session")
+def docker():
+    """A private dockerd (bench/dockerbox.py) for the session; skipped where none can run."""
+    try:
+        box = DockerBox()
+    except DockerUnavailable as exc:
+        pytest.skip(f"no private dockerd on this host: {exc}")
+    yield box
+    box.cleanup()

@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from bench.dockerbox import DockerBox, DockerUnavailable, Result
+from bench.dockerbox import Result
 from warmexec.protocol import Client
 
 from .conftest import (
@@ -31,16 +31,6 @@ from .conftest import (
 )
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture(scope="session")
-def docker():
-    try:
-        box = DockerBox()
-    except DockerUnavailable as exc:
-        pytest.skip(f"no private dockerd on this host: {exc}")
-    yield box
-    box.cleanup()
 
 
 @pytest.fixture(scope="session")

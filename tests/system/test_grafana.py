@@ -33,7 +33,8 @@ def _scrape(supervisor) -> tuple[str, set[str], set[str]]:
 
 
 @pytest.mark.root
-def test_scrape_has_every_metric_the_dashboard_queries(hooked_supervisor, hooked_client, hooked_container):
+def test_scrape_has_every_metric_the_dashboard_queries(hooked_supervisor, hooked_client, hooked_container,
+                                                      dashboard_probed):
     assert hooked_client.exec(hooked_container, ["true"])["exit_code"] == 0
     assert hooked_client.exec(hooked_container, ["sh", "-c", "exit 3"])["exit_code"] == 3
     assert hooked_client.exec(hooked_container, ["sh", "-c", "kill -TERM $$"])["exit_code"] == 143

@@ -62,7 +62,9 @@ def test_promtool_check_metrics_accepts_a_real_scrape(supervisor, client, contai
 class Prometheus:
     """`prometheus` on a free loopback port and a private TSDB, scraping one supervisor."""
 
-    def __init__(self, workdir: str, metrics_port: int) -> None:
+    def __init__(self, workdir: str, metrics_port: int, scrape_configs: str | None = None) -> None:
+        """scrape_configs: the YAML of the list under `scrape_configs:` (default: one job
+        scraping the supervisor's /metrics)."""
         self.started = time.monotonic()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -74,9 +76,9 @@ class Prometheus:
                     "  evaluation_interval: 1s\n"
                     f"rule_files:\n  - {RULES}\n"
                     "scrape_configs:\n"
-                    "  - job_name: warmexec\n"
-                    "    static_configs:\n"
-                    f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+                    + (scrape_configs or "  - job_name: warmexec\n"
+                                         "    static_configs:\n"
+                                         f"      - targets: ['127.0.0.1:{metrics_port}']\n"))
         self.log_path = os.path.join(workdir, "prometheus.log")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -173,21 +175,21 @@ def exercise(client, container: str, k8s: str) -> None:
 
 @pytest.mark.root
 def test_prometheus_evaluates_every_dashboard_query_and_rule(box, hooked_client, hooked_container,
-                                                              prometheus):
+                                                              dashboard_probed, prometheus):
     cfg = box.config()
     cfg["annotations"] = {"io.kubernetes.cri.sandbox-name": K8S["pod"],
                           "io.kubernetes.cri.sandbox-namespace": K8S["namespace"]}
     k8s = box.run("prom-probe", cfg)
     try:
         wait_ready(hooked_client, k8s)
-        _check(prometheus, hooked_client, hooked_container, k8s)
+        _check(prometheus, hooked_client, hooked_container, k8s, dashboard_probed)
     finally:
         box.delete(k8s)
         wait_for(lambda: all(r["id"] != k8s for r in hooked_client.list()), 10, "the probe container to go")
     assert time.monotonic() - prometheus.started < 60, "keep this test under a minute"
 
 
-def _check(prom: Prometheus, client, container: str, k8s: str) -> None:
+def _check(prom: Prometheus, client, container: str, k8s: str, probed: str) -> None:
     # ---- scrapes: two rounds of execs, each seen by Prometheus, so rate() has an increase
     wait_for(lambda: values(prom.query('up{job="warmexec"}')["result"]) == [1.0], 15,
              "Prometheus to scrape the supervisor")
@@ -248,7 +250,16 @@ def _check(prom: Prometheus, client, container: str, k8s: str) -> None:
     assert set(states) == {"STARTING", "JOINING", "READY", "BACKOFF", "FATAL"} and states["READY"] >= 2
     assert values(panel("Workers READY", "B"))[0] >= 2  # active containers
     assert values(panel("Events dropped")) == [0.0]
-    assert {s["metric"]["kind"] for s in panel("Hook runs by kind")} == {"start", "exit"}
+    # probe: the hooks of scheduled probes' changes (the hooked supervisor's probe has none)
+    assert {s["metric"]["kind"] for s in panel("Hook runs by kind")} == {"start", "exit", "probe"}
+    # the hooked supervisor's DASHBOARD_PROBE fails in `probed`, and outlasts its period
+    assert values(panel("Probes unhealthy / last run failed", "A")) == [1.0]
+    assert [s["metric"]["container"] for s in panel("Unhealthy probes")] == [probed]
+    ratios = {s["metric"]["container"]: float(s["value"][1])
+              for s in panel("Probe success ratio by container")}
+    assert ratios == {probed: 0.0}
+    assert ("dashboard", "running") in {(s["metric"]["probe"], s["metric"]["reason"])
+                                        for s in panel("Probe ticks skipped")}
 
     # ---- the variables: label_values() is Grafana's call of the label values API
     for name, query in (("namespace", "label_values(warmexec_exec_exits_total, namespace)"),

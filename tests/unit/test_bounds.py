@@ -4,11 +4,13 @@ sockets, a real registry, in this process so that its threads can be counted).""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 import weakref
 
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 
 from warmexec.protocol import codec, errors, messages
 from warmexec.protocol.errors import WarmexecError
-from warmexec.supervisor import metrics
+from warmexec.supervisor import httpserver, metrics
 from warmexec.supervisor.loop import Loop
 
 from ..conftest import wait_for
@@ -131,7 +133,7 @@ def test_timers_fire_in_order_across_compactions():
 
 @pytest.fixture
 def server():
-    srv = metrics.start_http_server(0, "127.0.0.1", metrics.Metrics().registry)
+    srv = httpserver.start_http_server(0, "127.0.0.1", metrics.Metrics().registry)
     yield srv
     srv.close()
 
@@ -164,9 +166,9 @@ def test_idle_connections_pin_no_thread_and_a_scrape_still_answers_within_a_seco
         took = time.monotonic() - t0
         assert b"warmexec_containers" in body and took < 1, f"a scrape took {took:.2f}s"
         assert threading.active_count() <= threads0, "idle connections took threads"
-        assert len(server.live) <= metrics.MAX_CONNECTIONS
+        assert len(server.live) <= httpserver.MAX_CONNECTIONS
         # The oldest were closed as new ones came; the rest go at their request timeout.
-        wait_for(lambda: all(_closed(c) for c in conns), metrics.REQUEST_TIMEOUT + 2,
+        wait_for(lambda: all(_closed(c) for c in conns), httpserver.REQUEST_TIMEOUT + 2,
                  "every idle connection to be closed")
     finally:
         for conn in conns:
@@ -177,7 +179,7 @@ def test_a_request_dripped_byte_by_byte_or_too_large_is_cut_off(server):
     drip = socket.create_connection(("127.0.0.1", server.port))
     huge = socket.create_connection(("127.0.0.1", server.port))
     try:
-        huge.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * metrics.MAX_REQUEST_HEAD + b"\r\n")
+        huge.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * httpserver.MAX_REQUEST_HEAD + b"\r\n")
         wait_for(lambda: _closed(huge), 2, "a request head over the limit to be refused")
         t0 = time.monotonic()
         head = b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 100
@@ -190,8 +192,8 @@ def test_a_request_dripped_byte_by_byte_or_too_large_is_cut_off(server):
                 break
             time.sleep(0.02)  # the client's pace, not a synchronisation
         took = time.monotonic() - t0
-        assert _closed(drip) or took < metrics.REQUEST_TIMEOUT + 1
-        assert took < metrics.REQUEST_TIMEOUT + 1, f"a dripping client was served for {took:.1f}s"
+        assert _closed(drip) or took < httpserver.REQUEST_TIMEOUT + 1
+        assert took < httpserver.REQUEST_TIMEOUT + 1, f"a dripping client was served for {took:.1f}s"
     finally:
         drip.close()
         huge.close()
@@ -207,3 +209,36 @@ def test_the_scrape_is_what_prometheus_client_serves(server):
     assert b"# TYPE warmexec_exec_errors_total counter" in plain.read()
     url = f"http://127.0.0.1:{server.port}/?name[]=warmexec_exec_errors_total"
     assert urllib.request.urlopen(url, timeout=1).read().decode().count("# TYPE") == 1
+
+
+def test_probes_waiting_for_their_answer_leave_room_for_the_scrape():
+    """At most MAX_ROUTED routed requests wait at once: the next is 503 at once, and the
+    scrape still answers; the waiting ones are answered when their route returns."""
+    gate = asyncio.Event()
+
+    async def slow(_request: httpserver.Request) -> httpserver.Response:
+        await gate.wait()
+        return httpserver.text("200 OK", "done\n")
+
+    srv = httpserver.start_http_server(0, "127.0.0.1", metrics.Metrics().registry, routes={"/probe": slow})
+    conns = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(httpserver.MAX_ROUTED)]
+    try:
+        for conn in conns:
+            conn.sendall(b"GET /probe HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: srv.routed == httpserver.MAX_ROUTED, 5, "every probe to wait")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/probe", timeout=1)
+        assert e.value.code == 503
+        assert b"warmexec_containers" in _scrape(srv.port).read()
+        srv.loop.call_soon_threadsafe(gate.set)
+        for conn in conns:
+            conn.settimeout(5)
+            answer = b""
+            while chunk := conn.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"done\n")
+        assert srv.routed == 0
+    finally:
+        for conn in conns:
+            conn.close()
+        srv.close()

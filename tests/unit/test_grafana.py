@@ -23,7 +23,7 @@ from ..conftest import REPO
 GRAFANA = os.path.join(REPO, "grafana")
 DASHBOARD = os.path.join(GRAFANA, "dashboards", "warmexec.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
-ROWS = ["Overview", "Latency", "Exit codes", "Errors", "Workers", "Hooks"]
+ROWS = ["Overview", "Latency", "Exit codes", "Errors", "Workers", "Probes", "Hooks"]
 METRIC = re.compile(r"warmexec_[a-z_]+")
 SELECTOR = re.compile(r"(warmexec_[a-z_]+)\{([^}]*)\}")
 MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*"')
@@ -109,6 +109,10 @@ def exported() -> dict[str, set[str]]:
     m.hook("exit", "timeout")
     m.hook_duration("start", 0.2)
     m.request(120)
+    m.watch_probes(lambda: [("alive", "c1", True, "healthy")])
+    m.probe_result("alive", "c1", "success", 0.002, 0.0001)
+    m.probe_transition("alive", "c1", "healthy")
+    m.probe_skip("alive", "running")
     names: dict[str, set[str]] = {}
     declared: set[str] = set()
     for family in registry.collect():
