@@ -542,6 +542,8 @@ def curve(box, tmp_path_factory):
             wait_ready(c, allowed)
             wait_ready(c, other)
             assert c.exec(allowed, ["true"])["exit_code"] == 0
+            # pyzmq's garbage-collector thread (the first zero-copy reply starts it): baseline
+            assert len(c.exec(allowed, ["head", "-c", "65536", "/dev/zero"])["stdout"]) == 65536
         yield proc, endpoint, key, client, allowed
     finally:
         proc.terminate()
