@@ -2,8 +2,8 @@
 
 One thread runs one epoll loop (loop.py). Requests come in on the ROUTER socket,
 decoded and checked (protocol/), and go to the exec path (execpath.py) or the worker
-table (workers.py); replies go back the same way, those over a few KiB within a byte
-budget per client (replies.py). Discovery rescans the state roots on inotify events
+table (workers.py); replies and stream events go back through sending.py, those over
+a few KiB within a byte budget per client (replies.py). Discovery rescans the state roots on inotify events
 and on a timer. A second ROUTER, on an inproc endpoint only this process can reach,
 takes the metrics thread's probes (exporter.py) as requests like any other; their
 replies go back on it (``LOOPBACK`` heads their envelopes).
@@ -29,11 +29,11 @@ from .endpoints import bind
 from .events import Events
 from .execpath import ExecPath
 from .hooks import Hooks, load_python_hooks
-from .loop import Loop, Timer
+from .loop import Loop
 from .metrics import Metrics
 from .names import DockerNames
-from .replies import DROPPED, FLUSH_INTERVAL, SENT, SWEEP_INTERVAL, ReplyBudget
 from .scheduler import SCHEDULED, Scheduler
+from .sending import LOOPBACK, NOBLOCK, Sender
 from .workers import WorkerTable
 
 log = logging.getLogger("warmexec")
@@ -41,21 +41,8 @@ log = logging.getLogger("warmexec")
 BATCH = 64  # requests served per turn of the loop
 MAX_FRAMES = 8  # identities (proxies add one each), the REQ delimiter, payload
 MAX_ENVELOPE = 4096  # bytes of all of them but the payload
-REPLY_DROPPED = "REPLY_DROPPED"  # a metrics label, never a reply
 SNDHWM = 1000
-SMALL_REPLY = 4 << 10  # bytes: a reply up to this is copied into zmq, bounded by SNDHWM alone
-# Plain ints: each use of pyzmq's flag enums builds an Enum object, on every message.
-NOBLOCK = int(zmq.NOBLOCK)
-MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-
-
-class _Loopback(bytes):
-    """The type of LOOPBACK: no frame received from a socket is ever this object."""
-
-
-#: First in the envelope of a request from the loopback socket: its reply goes back there.
-LOOPBACK = _Loopback(b"")
 
 
 class Supervisor:
@@ -77,13 +64,11 @@ class Supervisor:
         # Per client: replies it has not read, requests we have not read. Past SNDHWM a
         # reply to a client that stopped reading is dropped and counted (REPLY_DROPPED).
         # A client may keep up to max_inflight execs in flight, so the mark is that high;
-        # in bytes, a client's unread replies are bounded by self.budget (ReplyBudget).
+        # in bytes, a client's unread replies are bounded by sending.py's budget.
         self.router.setsockopt(zmq.SNDHWM, SNDHWM)
         self.router.setsockopt(zmq.RCVHWM, 1000)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue raises: count it
         self.router.setsockopt(zmq.LINGER, 0)
-        self.budget = ReplyBudget(self._send_tracked)
-        self._flush: tuple[float, Timer] | None = None  # the next flush of self.budget
         self.auth = Auth(cfg.auth, cfg.acl) if cfg.auth else None
         if self.auth is not None:
             self.auth.secure(self.ctx, self.router)
@@ -94,13 +79,14 @@ class Supervisor:
         self.loopback.setsockopt(zmq.LINGER, 0)
         self.loopback_endpoint = f"inproc://warmexec-loopback-{id(self):x}"
         self.loopback.bind(self.loopback_endpoint)
+        self.sender = Sender(self.loop, self.router, self.loopback, self.count_error)
         self.on_close: list[Callable[[], None]] = []  # before the context ends: the metrics server
         self.watcher = inotify.Watcher()
         self.events = Events(self.ctx, cfg.events, metrics, cfg.insecure_tcp) if cfg.events else None
         self.table = WorkerTable(self.loop, self.emit, metrics)
         self.execs = ExecPath(self.loop, self.table, self.reply, metrics, self.hooks,
                               self.events.publish if self.events else None,
-                              cfg.max_inflight, cfg.max_inflight_per_container, self.send_event)
+                              cfg.max_inflight, cfg.max_inflight_per_container, self.sender.event)
         self.table.execs = self.execs
         self.scheduler = Scheduler(self.loop, cfg.probes, self.table, self.execs.submit, metrics, self.emit,
                                    self.hooks, cfg.max_probes_inflight, cfg.docker_healthchecks)
@@ -302,84 +288,4 @@ class Supervisor:
     def reply(self, envelope: list[bytes], msg: dict) -> None:
         if envelope and envelope[0] is SCHEDULED:
             return self.scheduler.on_reply(msg)  # a scheduled probe's: nothing to send
-        data = codec.pack(msg)
-        if len(data) > SMALL_REPLY:
-            return self._reply_large(envelope, data)
-        sock, envelope = self._route(envelope)
-        send = sock.send
-        try:
-            for frame in envelope:  # the first one (the client's identity) routes it all
-                send(frame, MORE)
-            send(data, NOBLOCK)
-        except zmq.Again:
-            self.count_error(REPLY_DROPPED)
-        except zmq.ZMQError as exc:  # client gone, unroutable
-            log.debug("reply dropped: %s", exc)
-
-    def send_event(self, envelope: list[bytes], msg: dict) -> bool:
-        """One message of a streamed exec: False if it cannot go now (ZeroMQ's queue for
-        that client is full, or the client's byte budget, which a stream's output shares
-        with large replies: the stream holds it and stops reading its pipes); a client
-        that is gone is sent nothing."""
-        data = codec.pack(msg)
-        large = len(data) > SMALL_REPLY
-        size = self.budget.room_for(envelope, data) if large else 0
-        if large and not size:
-            return False
-        send = self.router.send
-        try:
-            for frame in envelope:
-                send(frame, MORE)
-            if not large:
-                send(data, NOBLOCK)
-                return True
-            tracker = send(zmq.Frame(data, track=True, copy=False), NOBLOCK, copy=False, track=True)
-        except zmq.Again:
-            return False
-        except zmq.ZMQError as exc:
-            log.debug("stream message dropped: %s", exc)
-            return True
-        self.budget.held(envelope, size, tracker)
-        self._flush_within(SWEEP_INTERVAL)
-        return True
-
-    def _reply_large(self, envelope: list[bytes], data: bytes) -> None:
-        """Zero-copy and tracked, within the client's byte budget (ReplyBudget)."""
-        outcome = self.budget.offer(envelope, data)
-        if outcome == DROPPED:
-            self.count_error(REPLY_DROPPED)
-        self._flush_within(SWEEP_INTERVAL if outcome == SENT else FLUSH_INTERVAL)
-
-    def _route(self, envelope: list[bytes]) -> tuple[zmq.Socket, list[bytes]]:
-        """The socket a reply goes out on, and the envelope that routes it there."""
-        if envelope and envelope[0] is LOOPBACK:
-            return self.loopback, envelope[1:]
-        return self.router, envelope
-
-    def _send_tracked(self, envelope: list[bytes], data: bytes) -> zmq.MessageTracker | None:
-        sock, envelope = self._route(envelope)
-        send = sock.send
-        try:
-            for frame in envelope:
-                send(frame, MORE)
-            return send(zmq.Frame(data, track=True, copy=False), NOBLOCK, copy=False, track=True)
-        except zmq.Again:
-            self.count_error(REPLY_DROPPED)
-        except zmq.ZMQError as exc:
-            log.debug("reply dropped: %s", exc)
-        return None
-
-    def _flush_within(self, interval: float) -> None:
-        """One flush timer, at most interval from now (a later one is replaced)."""
-        when = time.monotonic() + interval
-        if self._flush is not None:
-            if self._flush[0] <= when:
-                return
-            self._flush[1].cancel()
-        self._flush = (when, self.loop.call_at(when, self._on_flush))
-
-    def _on_flush(self) -> None:
-        self._flush = None
-        interval = self.budget.flush()
-        if interval is not None:
-            self._flush_within(interval)
+        self.sender.reply(envelope, msg)
