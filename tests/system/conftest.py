@@ -20,7 +20,7 @@ import pytest
 
 from bench.dockerbox import DockerBox, DockerUnavailable
 from bench.enginebox import Result
-from bench.harness import SupervisorProcess, wait_for, wait_ready  # noqa: F401 - re-exported
+from bench.harness import SupervisorProcess, free_port, wait_for, wait_ready  # noqa: F401 - re-exported
 from bench.runcbox import RuncBox
 from warmexec.protocol import Client
 
@@ -182,3 +182,45 @@ def docker():
         pytest.skip(f"no private dockerd on this host: {exc}")
     yield box
     box.cleanup()
+
+
+class CurveSupervisor:
+    """`warmexec serve` on tcp://127.0.0.1 with CurveZMQ, its keys made with `warmexec
+    keygen`: `server`, the authorised keys (`monitor` with the ACL given as TOML lines,
+    `admin` with none: everything) and unauthorised ones."""
+
+    def __init__(self, box: RuncBox, keys: str, monitor_acl: str, strangers: tuple[str, ...] = ()) -> None:
+        import zmq.auth
+
+        self._load = zmq.auth.load_certificate
+        self.keys = keys
+        clients = os.path.join(keys, "clients")
+        os.makedirs(clients)
+        for name in ("server", "monitor", "admin", *strangers):
+            subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", "keygen", keys, name],
+                           check=True, capture_output=True)
+        for name in ("monitor", "admin"):
+            os.rename(os.path.join(keys, f"{name}.key"), os.path.join(clients, f"{name}.key"))
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        config = os.path.join(keys, "warmexec.toml")
+        with open(config, "w") as f:
+            f.write(f'endpoint = "{self.endpoint}"\n'
+                    f'[auth]\nserver_key = "{keys}/server.key_secret"\nclients_dir = "{clients}"\n'
+                    f'[acl.monitor]\n{monitor_acl}\n')
+        self.proc = subprocess.Popen([sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root",
+                                      box.root, "--config", config], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def client(self, name: str) -> Client:
+        return Client(self.endpoint, server_key=os.path.join(self.keys, "server.key"),
+                      client_key=os.path.join(self.keys, f"{name}.key_secret"))
+
+    def key(self, name: str) -> tuple[bytes, bytes, bytes]:
+        """(server public, name's public, name's secret)."""
+        server, _ = self._load(os.path.join(self.keys, "server.key"))
+        public, secret = self._load(os.path.join(self.keys, f"{name}.key_secret"))
+        return server, public, secret
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=20)

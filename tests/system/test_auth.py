@@ -13,49 +13,25 @@ from bench.harness import free_port
 from warmexec.protocol import Client, errors
 from warmexec.protocol.errors import WarmexecError
 
-from .conftest import wait_ready
+from .conftest import CurveSupervisor, wait_ready
 
 pytestmark = pytest.mark.root
-
-
-def keygen(directory: str, name: str) -> None:
-    subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", "keygen", directory, name],
-                   check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def curve(box, tmp_path_factory):
     """A supervisor on tcp://127.0.0.1 with CurveZMQ, two authorised keys and an ACL."""
-    keys = str(tmp_path_factory.mktemp("keys"))
-    clients = os.path.join(keys, "clients")
-    os.makedirs(clients)
-    for name in ("server", "monitor", "admin", "stranger"):
-        keygen(keys, name)
-    for name in ("monitor", "admin"):  # the stranger's key is not authorised
-        os.rename(os.path.join(keys, f"{name}.key"), os.path.join(clients, f"{name}.key"))
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    config = os.path.join(keys, "warmexec.toml")
-    with open(config, "w") as f:
-        f.write(f'endpoint = "{endpoint}"\n'
-                f'[auth]\nserver_key = "{keys}/server.key_secret"\nclients_dir = "{clients}"\n'
-                '[acl.monitor]\ncontainers = ["*-allowed"]\nusers = [""]\n'
-                'privileged = false\nadmin = false\n')
     allowed, denied = box.run("curve-allowed"), box.run("curve-denied")
-    proc = subprocess.Popen([sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root",
-                             box.root, "--config", config], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def client(name: str) -> Client:
-        return Client(endpoint, server_key=os.path.join(keys, "server.key"),
-                      client_key=os.path.join(keys, f"{name}.key_secret"))
+    sup = CurveSupervisor(box, str(tmp_path_factory.mktemp("keys")),
+                          'containers = ["*-allowed"]\nusers = [""]\nprivileged = false\nadmin = false',
+                          strangers=("stranger",))  # the stranger's key is not authorised
     try:
-        with client("admin") as c:
+        with sup.client("admin") as c:
             wait_ready(c, allowed)
             wait_ready(c, denied)
-        yield client, allowed, denied
+        yield sup.client, allowed, denied
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=20) == 0
+        assert sup.stop() == 0
         box.delete(allowed)
         box.delete(denied)
 

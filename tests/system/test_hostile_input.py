@@ -17,8 +17,6 @@ import hashlib
 import os
 import socket
 import string
-import subprocess
-import sys
 import time
 
 import msgpack
@@ -29,11 +27,10 @@ import zmq.auth
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.harness import free_port
 from warmexec.protocol import Client, codec, errors, messages
 from warmexec.protocol.errors import WarmexecError
 
-from .conftest import Supervisor, wait_for, wait_ready
+from .conftest import CurveSupervisor, Supervisor, wait_for, wait_ready
 
 pytestmark = pytest.mark.root
 
@@ -510,44 +507,21 @@ def curve(box, tmp_path_factory):
     """A supervisor on tcp://127.0.0.1 with CurveZMQ: key `monitor` may exec only into
     one container, as its own user, unprivileged; key `admin` may do everything; key
     `stranger` is not authorised."""
-    keys = str(tmp_path_factory.mktemp("curve"))
-    clients = os.path.join(keys, "clients")
-    os.makedirs(clients)
-    for name in ("server", "monitor", "admin", "stranger"):
-        zmq.auth.create_certificates(keys, name)
-    for name in ("monitor", "admin"):
-        os.rename(os.path.join(keys, f"{name}.key"), os.path.join(clients, f"{name}.key"))
     allowed, other = box.run("curve-fuzz"), box.run("curve-other")
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    config = os.path.join(keys, "warmexec.toml")
-    with open(config, "w") as f:
-        f.write(f'endpoint = "{endpoint}"\n[auth]\nserver_key = "{keys}/server.key_secret"\n'
-                f'clients_dir = "{clients}"\n[acl.monitor]\ncontainers = ["{allowed}"]\nusers = [""]\n'
-                'privileged = false\nadmin = false\n')
-    proc = subprocess.Popen([sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root",
-                             box.root, "--config", config], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def key(name: str) -> tuple[bytes, bytes, bytes]:
-        server, _ = zmq.auth.load_certificate(os.path.join(keys, "server.key"))
-        public, secret = zmq.auth.load_certificate(os.path.join(keys, f"{name}.key_secret"))
-        return server, public, secret
-
-    def client(name: str) -> Client:
-        return Client(endpoint, server_key=os.path.join(keys, "server.key"),
-                      client_key=os.path.join(keys, f"{name}.key_secret"))
+    sup = CurveSupervisor(box, str(tmp_path_factory.mktemp("curve")),
+                          f'containers = ["{allowed}"]\nusers = [""]\nprivileged = false\nadmin = false',
+                          strangers=("stranger",))
     try:
-        with client("admin") as c:
+        with sup.client("admin") as c:
             wait_for(lambda: _pings(c), 15, "the CurveZMQ supervisor to answer")
             wait_ready(c, allowed)
             wait_ready(c, other)
             assert c.exec(allowed, ["true"])["exit_code"] == 0
             # pyzmq's garbage-collector thread (the first zero-copy reply starts it): baseline
             assert len(c.exec(allowed, ["head", "-c", "65536", "/dev/zero"])["stdout"]) == 65536
-        yield proc, endpoint, key, client, allowed
+        yield sup.proc, sup.endpoint, sup.key, sup.client, allowed
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=20) == 0
+        assert sup.stop() == 0
         box.delete(allowed)
         box.delete(other)
 

@@ -12,19 +12,16 @@ their own (these attacks would disturb the session's supervisor).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import msgpack
 import pytest
 import zmq
 
-from bench.harness import free_port
 from warmexec.protocol import Client, errors
 from warmexec.protocol.errors import WarmexecError
 
-from .conftest import Supervisor, wait_ready
+from .conftest import CurveSupervisor, Supervisor, wait_ready
 
 pytestmark = pytest.mark.root
 
@@ -55,42 +52,18 @@ def target(box):
 
 # ---------------------------------------------------------------- access lists
 
-def _keygen(directory: str, name: str) -> None:
-    subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", "keygen", directory, name],
-                   check=True, capture_output=True)
-
-
 @pytest.fixture
 def curve(box, target, tmp_path):
     """CurveZMQ on TCP: `admin` may do everything; `monitor` may exec into every
     container, but only as the default user and never privileged."""
-    keys = str(tmp_path / "keys")
-    clients = os.path.join(keys, "clients")
-    os.makedirs(clients)
-    for name in ("server", "monitor", "admin"):
-        _keygen(keys, name)
-    for name in ("monitor", "admin"):
-        os.rename(os.path.join(keys, f"{name}.key"), os.path.join(clients, f"{name}.key"))
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    config = os.path.join(keys, "warmexec.toml")
-    with open(config, "w") as f:
-        f.write(f'endpoint = "{endpoint}"\n'
-                f'[auth]\nserver_key = "{keys}/server.key_secret"\nclients_dir = "{clients}"\n'
-                '[acl.monitor]\ncontainers = ["*"]\nusers = [""]\nprivileged = false\nadmin = false\n')
-    proc = subprocess.Popen([sys.executable, "-m", "warmexec.supervisor.cli", "serve", "--runc-root",
-                             box.root, "--config", config], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def client(name: str) -> Client:
-        return Client(endpoint, server_key=os.path.join(keys, "server.key"),
-                      client_key=os.path.join(keys, f"{name}.key_secret"))
+    sup = CurveSupervisor(box, str(tmp_path / "keys"),
+                          'containers = ["*"]\nusers = [""]\nprivileged = false\nadmin = false')
     try:
-        with client("admin") as c:
+        with sup.client("admin") as c:
             wait_ready(c, target)
-        yield client
+        yield sup.client
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        sup.stop()
 
 
 def test_a_key_that_may_not_exec_privileged_cannot_drive_another_keys_privileged_shell(curve, target):
