@@ -17,9 +17,10 @@ import time
 
 import pytest
 
-from warmexec.protocol import Client
+from warmexec.protocol import Client, errors
+from warmexec.protocol.errors import WarmexecError
 
-from .conftest import wait_for
+from .conftest import wait_for, wait_ready
 
 pytestmark = pytest.mark.root
 
@@ -204,3 +205,25 @@ def test_the_pty_belongs_to_the_exec_user_as_under_runc_exec(box, supervisor, co
     ours, runcs = answers
     assert ours.split()[0] == b"1000" and ours.split()[2] == b"620", ours
     assert ours == runcs
+
+
+def test_a_container_without_a_real_multiplexer_gets_a_clear_error(box, client):
+    """No devpts of its own, and /dev/ptmx a FIFO the container planted (runc would
+    make it a symlink to pts/ptmx): the worker opens neither (a FIFO would block
+    another reader; only a 5:2 device is taken) and the exec fails, the worker lives."""
+    cfg = box.config()
+    cfg["mounts"] = [m for m in cfg["mounts"] if m["destination"] != "/dev/pts"]
+    cid = box.run("no-devpts", cfg)
+    try:
+        wait_ready(client, cid)
+        plant = "rm -f /dev/ptmx && mkfifo /dev/ptmx && ls -l /dev/ptmx"
+        r = client.exec(cid, ["sh", "-c", plant], timeout=5)
+        assert r["exit_code"] == 0 and r["stdout"].startswith(b"p"), r
+        s = client.stream(cid, ["sh"], tty=True, interactive=True)
+        with pytest.raises(WarmexecError) as e:
+            list(s.events())
+        assert e.value.code == errors.SPAWN_FAILED and "no terminal" in e.value.message
+        assert client.exec(cid, ["true"], timeout=5)["exit_code"] == 0  # the same worker serves on
+    finally:
+        box.kill(cid)
+        box.delete(cid)
