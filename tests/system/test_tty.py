@@ -227,3 +227,13 @@ def test_a_container_without_a_real_multiplexer_gets_a_clear_error(box, client):
     finally:
         box.kill(cid)
         box.delete(cid)
+
+
+def test_a_process_left_holding_the_terminal_does_not_hold_the_exit(supervisor, container):
+    t = Terminal(_cli(supervisor, "-t", container, "--", "sh", "-c", "sleep 100 & echo bg; exit 2"))
+    try:
+        started = time.monotonic()
+        t.expect(rb"bg\r+\n")
+        assert t.wait() == 2 and time.monotonic() - started < 10
+    finally:
+        t.close()
