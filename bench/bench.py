@@ -2,7 +2,7 @@
 
     python3 -m bench.bench [--quick] [-n N] [--n-slow M] [--containers K] [--tput-containers T]
                            [--scale 1,100,500] [--warm-containers W] [--n-engine E] [--json PATH]
-                           [--n-cri C] [--chart PATH]
+                           [--n-cri C] [--stream-mib M] [--chart PATH]
 
 One run, one ``warmexec serve`` subprocess per part, busybox containers under private
 runc roots (see :mod:`bench.runcbox`) and, for the engine part, a private dockerd's:
@@ -16,6 +16,9 @@ runc roots (see :mod:`bench.runcbox`) and, for the engine part, a private docker
    parallel subprocesses (and 32 in a full run);
 3. CPU seconds per 1000 execs, warmexec's whole process tree against runc exec and
    everything it reaps, the client's own CPU beside both (:mod:`bench.resources`);
+   then streamed-exec throughput on the first container: MiB/s through stdin, stdout,
+   both at once (``cat``) and a terminal, median of 5 runs of 256 MiB (quick 3 of 16),
+   with the supervisor's, the client's and the worker's CPU per MiB (:mod:`bench.streams`);
 4. warm-up: containers started one at a time, from ``runc run -d`` returning to their
    worker READY and to their first exec done (:mod:`bench.scale`);
 5. engines, on one busybox container of a private Docker engine (:mod:`bench.engines`,
@@ -61,6 +64,7 @@ from bench.report import print_report
 from bench.resources import measure_cpu
 from bench.runcbox import RuncBox
 from bench.scale import delete_all, measure_scale, measure_warmup
+from bench.streams import measure_streams
 from warmexec.protocol.client import Client
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,6 +88,8 @@ def counts_from(args: argparse.Namespace) -> Counts:
         c.engine_slow = args.n_engine
     if args.n_cri is not None:
         c.cri = args.n_cri
+    if args.stream_mib is not None:
+        c.stream_mib = args.stream_mib
     c.warmup = max(c.warmup, 2 * args.containers)  # every container's worker warmed twice
     return c
 
@@ -150,6 +156,9 @@ def measure_small(args: argparse.Namespace, box: RuncBox, workdir: str, c: Count
         out["throughput"] = measure_throughput(box, client, sup.proc.pid, all_cids[:args.tput_containers],
                                                c, args.quick, failures)
         out["cpu"] = measure_cpu(box, client, sup.proc.pid, cids, c.cpu, c.cpu_runc, failures)
+        if c.stream_mib:
+            out["streams"] = measure_streams(client, sup.proc.pid, cids[0], c.stream_mib, c.stream_runs,
+                                             failures)
         out["warmup"] = measure_warmup(box, client, c.warm_containers, failures)
         out["seconds"] = round(time.monotonic() - t0, 1)
     finally:
@@ -209,13 +218,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                 "engine's container (default 200, quick 20; 0 skips it)")
     p.add_argument("--n-cri", type=int, help="ExecSync calls through warmexec cri and to containerd's CRI "
                                              "directly, each (default 300, quick 20; 0 skips it)")
+    p.add_argument("--stream-mib", type=int, help="MiB through each way of a streamed exec's stdin, stdout, "
+                                                  "cat and terminal (default 256, quick 16; 0 skips it)")
     p.add_argument("--json", default=DEFAULT_JSON, help="results file (default bench/out/results.json)")
     p.add_argument("--chart", help="PNG chart (default latency.png beside the JSON file)")
     args = p.parse_args(argv)
     for name in ("n", "n_slow", "containers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warm_containers", "n_engine", "n_cri"):
+    for name in ("warm_containers", "n_engine", "n_cri", "stream_mib"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative")
     args.chart = args.chart or os.path.join(os.path.dirname(os.path.abspath(args.json)), "latency.png")

@@ -33,10 +33,12 @@ class Counts:
     engine_fast: int  # warmexec execs on the Docker container (latency and CPU)
     engine_slow: int  # the same for docker exec and ctr exec each (0: no engine part)
     cri: int  # CRI ExecSyncs through warmexec cri and containerd each (0: no CRI part)
+    stream_mib: int = 256  # MiB through each way of a streamed exec (0: no stream part)
+    stream_runs: int = 5  # runs of each way; the median is reported
 
 
 FULL = Counts(2000, 300, 20, 3000, 240, 2000, 200, (1, 100, 500), 500, 4.0, 20, 1000, 200, 300)
-QUICK = Counts(200, 30, 10, 300, 24, 500, 30, (1, 20), 200, 1.0, 5, 200, 20, 20)
+QUICK = Counts(200, 30, 10, 300, 24, 500, 30, (1, 20), 200, 1.0, 5, 200, 20, 20, 16, 3)
 
 
 class Failures:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from bench.common import Failures
+from bench.streams import print_streams
 
 WARMUP_ROWS = (("state_to_ready", "state.json written -> worker READY"),
                ("run_to_ready", "runc run -d started -> worker READY"),
@@ -172,6 +173,8 @@ def print_report(doc: dict, failures: Failures) -> None:
     print_latency(doc["latency"], doc["containers"])
     print_throughput(doc["throughput"], doc.get("tput_containers"))
     print_cpu(doc["cpu"])
+    if doc.get("streams"):
+        print_streams(doc["streams"])
     if doc.get("scale"):
         print_scale(doc["scale"])
     print_warmup(doc.get("warmup", {}))

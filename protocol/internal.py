@@ -15,8 +15,9 @@ ready           joiner -> supervisor pid, uid, gid                              
 fatal           joiner -> supervisor code, errno, message                        -
 spawn           supervisor -> worker id, argv, env, cwd, capture, stdin,         stdin,
                                      announce, ack; streamed execs only:         stdout,
-                                     streams                                     stderr
+                                     streams, tty, rows, cols                    stderr
 ack             supervisor -> worker ack                                         -
+resize          supervisor -> worker id, rows, cols (a streamed exec's terminal)  -
 started         worker -> supervisor id, pid, started_at                         pidfd
 failed          worker -> supervisor id, errno, stage                            -
 out             worker -> supervisor id, stream, data                            -
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 FORK, FORKED = "fork", "forked"
 JOIN, READY, FATAL = "join", "ready", "fatal"
-SPAWN, ACK = "spawn", "ack"
+SPAWN, ACK, RESIZE = "spawn", "ack", "resize"
 STARTED, FAILED, OUT, EXITED = "started", "failed", "out", "exited"
 
 NONE = type(None)
@@ -49,6 +50,7 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     SPAWN: {"id": int, "argv": list, "env": dict, "cwd": (str, NONE), "capture": int, "stdin": bool,
             "announce": bool, "ack": int},
     ACK: {"ack": int},
+    RESIZE: {"id": int, "rows": int, "cols": int},
     STARTED: {"id": int, "pid": int, "started_at": float},
     FAILED: {"id": int, "errno": int, "stage": str},
     OUT: {"id": int, "stream": int, "data": bytes},
@@ -60,7 +62,10 @@ SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 #: Fields a message may carry beyond its schema's: a streamed exec's spawn alone has
 #: them, so the one-shot spawn stays as it was. ``streams``: the command's stdout and
 #: stderr pipes follow stdin among the descriptors (the supervisor reads them itself).
-OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {SPAWN: {"streams": bool}}
+#: ``tty``: one output pipe follows stdin, and the worker gives the command a terminal
+#: of rows x cols, relayed to the pipes (worker/terminal.py).
+OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
+    SPAWN: {"streams": bool, "tty": bool, "rows": int, "cols": int}}
 
 #: What the supervisor accepts on a worker's socket: the joiner's two, then the worker's.
 FROM_JOINER = frozenset((READY, FATAL))
@@ -114,7 +119,7 @@ def fatal(code: str, errno: int, message: str) -> dict:
 
 def spawn(id: int, argv: list[str], env: dict[str, str], cwd: str | None, capture: int, stdin: bool,
           announce: bool, ack: int, **streamed: object) -> dict:
-    """streamed: ``streams`` (OPTIONAL), only for a streamed exec."""
+    """streamed: ``streams``, ``tty``, ``rows``, ``cols`` (OPTIONAL), only for a streamed exec."""
     msg = {"op": SPAWN, "id": id, "argv": argv, "env": env, "cwd": cwd, "capture": capture,
            "stdin": stdin, "announce": announce, "ack": ack}
     msg.update(streamed)
@@ -123,6 +128,10 @@ def spawn(id: int, argv: list[str], env: dict[str, str], cwd: str | None, captur
 
 def ack(seq: int) -> dict:
     return {"op": ACK, "ack": seq}
+
+
+def resize(id: int, rows: int, cols: int) -> dict:
+    return {"op": RESIZE, "id": id, "rows": rows, "cols": cols}
 
 
 def started(id: int, pid: int, started_at: float) -> dict:

@@ -156,14 +156,18 @@ class ExecStream:
 
     # ---- one loop for all of it ------------------------------------------------------
     def run(self, stdin: int | None = None, stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
-            on_input: Callable[[bytes], bytes | None] | None = None) -> dict | None:
+            on_input: Callable[[bytes], bytes | None] | None = None,
+            wake: tuple[int, Callable[[], None]] | None = None) -> dict | None:
         """Feed fd stdin (if any) to the command and write its output to stdout and
         stderr until it exits; return the exit event (None if on_input detached:
-        on_input sees each read of stdin and returns what to send, or None to leave)."""
+        on_input sees each read of stdin and returns what to send, or None to leave).
+        wake: (fd, callback), the callback called on every turn, the fd waited on too."""
         sinks = {1: stdout, 2: stderr}
         pending = b""
         eof = stdin is None or self.stdin_closed
         while self.result is None:
+            if wake is not None:
+                wake[1]()
             while self.inbox:
                 event = self._take(self.inbox.popleft())
                 if event[0] == "output" and sinks[event[1]] is not None:
@@ -176,19 +180,19 @@ class ExecStream:
                 ready, _, _ = select.select([stdin], [], [], 0)
                 if ready:
                     pending = os.read(stdin, STDIN_CHUNK)
-                    if on_input is not None and pending:
+                    if not pending:
+                        self.send_stdin(b"", eof=True)
+                        eof = True
+                    elif on_input is not None:
                         pending = on_input(pending)
                         if pending is None:
                             self.leave()
                             return None
-                    if not pending:
-                        self.send_stdin(b"", eof=True)
-                        eof = True
             if pending and self.stdin_room() >= len(pending):
                 self.send_stdin(pending)
                 pending = b""
             self._tick()
             if not self.inbox and self.result is None:
                 self.client._wait_any(0.05 if pending or (not eof and not want_input) else HEARTBEAT,
-                                      [stdin] if want_input else [])
+                                      ([stdin] if want_input else []) + ([wake[0]] if wake else []))
         return self.result

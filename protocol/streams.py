@@ -30,8 +30,6 @@ import signal as _signal
 from dataclasses import dataclass
 from typing import Any
 
-from . import errors
-from .errors import WarmexecError
 from .fields import bad as _bad
 from .fields import optional as _field
 
@@ -83,8 +81,6 @@ def parse_options(req: dict) -> StreamOptions | None:
         detach=_field(req, "detach", bool, False),
         window=_int(req, "window", 0, MAX_WINDOW, DEFAULT_WINDOW),
         grace=float(_field(req, "grace", (int, float), DEFAULT_GRACE)))
-    if opts.tty:  # the worker's terminal relay is not built yet: say so, never pretend
-        raise WarmexecError(errors.BAD_REQUEST, "tty: true is not supported by this version")
     if not 0 < opts.grace <= MAX_GRACE:
         raise _bad(f"grace must be in (0, {MAX_GRACE:.0f}] seconds")
     return opts

@@ -20,7 +20,7 @@ from ..protocol import errors
 from ..protocol.client import DEFAULT_ENDPOINT, Client, default_endpoint, too_large
 from ..protocol.codec import MAX_MESSAGE
 from ..protocol.errors import BAD_REQUEST, WarmexecError
-from . import cli_stream
+from . import cli_stream, cli_tty
 
 OWN_ERROR = 125
 CANNOT_INVOKE = 126
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--timeout", type=float, help="kill the command's process group after S seconds")
     e.add_argument("--privileged", action="store_true", help="all capabilities")
     e.add_argument("-i", "--interactive", action="store_true", help="send our stdin to the command")
+    e.add_argument("-t", "--tty", action="store_true", help="a terminal in the container (-it: a shell)")
+    e.add_argument("--detach-keys", metavar="KEYS",
+                   help=f"-it: the keys that leave the exec running (default {cli_tty.DEFAULT_DETACH_KEYS})")
     e.add_argument("-d", "--detach", action="store_true", help="print the exec id and pid, leave it running")
     e.add_argument("--env-file", action="append", default=[], metavar="FILE",
                    help="KEY=VALUE lines, as docker's (before -e)")

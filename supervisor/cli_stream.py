@@ -1,10 +1,9 @@
 """``warmexec exec`` streamed, and the commands about running execs (``inspect``, ``kill``).
 
 ``exec`` streams (protocol/streams.py) when its output is a terminal, or with ``-i``,
-``-d`` or ``--stream``: output is printed as it comes, stdin (``-i``) is sent as it is
-read, with no size limit. ``--no-stream`` keeps the one-shot request. ``-d`` prints
-the exec id and its pid and leaves it running. (docker's ``--detach-keys`` belong with
-``-t``, which is not built yet: a terminal's line discipline eats ctrl-q without it.)
+``-d``, ``-t`` or ``--stream``: output is printed as it comes, stdin (``-i``) is sent as
+it is read, with no size limit. ``--no-stream`` keeps the one-shot request. ``-d``
+prints the exec id and its pid and leaves it running. ``-t`` is cli_tty.py's.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from collections.abc import Callable
 
 from ..protocol.client import Client
 from ..protocol.errors import BAD_REQUEST, WarmexecError
+from . import cli_tty
 
 
 def parse_env_file(path: str) -> dict[str, str]:
@@ -46,10 +46,12 @@ def parse_env_file(path: str) -> dict[str, str]:
 def wants_stream(args: argparse.Namespace) -> bool:
     if args.no_stream:
         return False
-    return bool(args.stream or args.detach or args.interactive or sys.stdout.isatty())
+    return bool(args.stream or args.detach or args.interactive or args.tty or sys.stdout.isatty())
 
 
 def run_streamed(c: Client, args: argparse.Namespace, command: list[str], env: dict[str, str]) -> int:
+    if args.tty:
+        return cli_tty.run_tty(c, args, command, env)
     s = c.stream(args.container, command, env=env or None, cwd=args.workdir, user=args.user,
                  timeout=args.timeout, privileged=args.privileged or None,
                  interactive=args.interactive, detach=args.detach)

@@ -81,7 +81,7 @@ class ExecPath:
         # Must workers report each start at once (start hooks, the event stream)?
         self.announce = publish is not None or (hooks is not None and hooks.wants("start"))
         # Streamed execs (streams.py): their events go out through send_event.
-        self.streams = Streams(loop, send_event, self.fail) if send_event is not None else None
+        self.streams = Streams(loop, send_event, self.fail, self.tell) if send_event is not None else None
 
     # ---- from request to worker ------------------------------------------------------
     def submit(self, envelope: list[bytes], req_id: Any, req: messages.ExecRequest) -> None:
@@ -156,6 +156,15 @@ class ExecPath:
                 ex.close_stdin()
             else:
                 self.loop.add(ex.stdin_fd, lambda _m: self.on_stdin(ex), select.EPOLLOUT)
+
+    def tell(self, ex: Exec, msg: dict) -> None:
+        """A message about a dispatched exec to its worker (a stream's resize)."""
+        w = ex.worker
+        if w is not None and not ex.done and not (w.outbox is not None and w.outbox.full()):
+            try:
+                self.table.send(w, msg)
+            except OSError:
+                pass  # the worker is gone: its loss ends the exec
 
     def on_stdin(self, ex: Exec) -> None:
         if ex.write_stdin():

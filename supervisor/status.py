@@ -32,6 +32,9 @@ def spawn_failure(err: int, stage: str, argv0: str, cwd: str | None) -> tuple[st
     if stage in ("pipe", "stdin"):  # the worker lives under the container's fd limit
         return errors.SPAWN_FAILED, f"no descriptor left for the exec's {stage} ({reason}): " \
                                     "the container's open-file limit", None
+    if stage == "tty":
+        return errors.SPAWN_FAILED, f"no terminal in the container ({reason}): it needs its own devpts " \
+                                    "with /dev/pts/ptmx or /dev/ptmx", None
     if err in (errno.ENOENT, errno.ENOTDIR):
         return errors.NOT_FOUND, f'exec: "{argv0}": {reason}', 127
     if err in (errno.EACCES, errno.ENOEXEC, errno.EISDIR, errno.EPERM):

@@ -26,6 +26,11 @@ pipe every DRAIN_INTERVAL: a detached flood costs its command the wait for room 
 pipe, the supervisor about twenty splices a second. After the exit each pipe is read
 for at most what it held then (its size): a process the command left behind that keeps
 writing is not waited for.
+
+With ``tty`` the command's stdio is a terminal of the container's that its worker
+relays (worker/terminal.py): the supervisor still holds only pipes, stdin (if
+interactive) and one output pipe (stream 1: a terminal has one), and passes a
+``resize`` on to the worker.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import errors, messages
+from ..protocol import errors, internal, messages
 from ..protocol import streams as wire
 from ..protocol.errors import WarmexecError
 from .execs import PIDFD_SIGNAL_PROCESS_GROUP
@@ -94,10 +99,12 @@ class Stream:
 
 
 class Streams:
-    def __init__(self, loop: Loop, send: Send, kill: Callable[[Exec, str, str], None]) -> None:
+    def __init__(self, loop: Loop, send: Send, kill: Callable[[Exec, str, str], None],
+                 tell: Callable[[Exec, dict], None]) -> None:
         self.loop = loop
         self.send = send
         self.kill = kill  # ends an exec with an error (its group killed): ExecPath.fail
+        self.tell = tell  # a message to the exec's worker: ExecPath.tell
         self.live: dict[int, Stream] = {}  # exec id -> stream
         self.records = Records()
         self.null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)  # the host's: where detached output goes
@@ -116,7 +123,7 @@ class Streams:
                 os.set_blocking(w, False)
                 st.stdin_fd = w
                 fds.append(r)
-            for number in (1, 2):
+            for number in (1,) if st.opts.tty else (1, 2):
                 r, w = os.pipe2(os.O_CLOEXEC)
                 os.set_blocking(r, False)
                 st.outputs[r] = number
@@ -127,6 +134,8 @@ class Streams:
             self.close(st)
             raise
         self._write_stdin(st)  # what came before its pipes existed
+        if st.opts.tty:
+            return fds, {"streams": True, "tty": True, "rows": st.opts.rows, "cols": st.opts.cols}
         return fds, {"streams": True}  # its pipes are read once it has started (its first event)
 
     def started(self, st: Stream) -> None:
@@ -352,7 +361,15 @@ class Streams:
             st.ex.envelope = envelope
             self._pump(st)
             return messages.ok_reply(req_id, event="attached", exec_id=req.exec_id)
-        raise WarmexecError(errors.BAD_REQUEST, f"{req.op}: exec {req.exec_id} has no terminal")  # resize
+        return self._resize(st, req_id, req)
+
+    def _resize(self, st: Stream, req_id: Any, req: wire.StreamRequest) -> dict:
+        if not st.opts.tty:
+            raise WarmexecError(errors.BAD_REQUEST, f"resize: exec {req.exec_id} has no terminal")
+        st.opts.rows, st.opts.cols = req.rows, req.cols  # the spawn's, if it is not sent yet
+        if st.ex.worker is not None:
+            self.tell(st.ex, internal.resize(st.ex.exec_id, req.rows, req.cols))
+        return messages.ok_reply(req_id, exec_id=req.exec_id)
 
     def request_of(self, exec_id: int) -> messages.ExecRequest | None:
         """The request a running or recorded exec was started with (its access is by it)."""

@@ -44,7 +44,7 @@ import stat
 import time
 
 from ..protocol import internal, ipc
-from . import creds, linux
+from . import creds, linux, terminal
 
 CHUNK = 96 * 1024  # output per message: well under a socketpair's default send buffer
 ANNOUNCE_AFTER = 0.002  # seconds a command runs before an unasked-for "started" is sent
@@ -80,11 +80,12 @@ class Output:
 
 
 class Child:
-    __slots__ = ("pid", "exec_id", "outputs", "pidfd", "started_at")
+    __slots__ = ("pid", "exec_id", "outputs", "pidfd", "started_at", "relay")
 
     def __init__(self, pid: int, exec_id: object, outputs: list[Output], pidfd: int) -> None:
         self.pid, self.exec_id, self.outputs, self.pidfd = pid, exec_id, outputs, pidfd
         self.started_at = time.monotonic()
+        self.relay: terminal.Relay | None = None  # a streamed exec's terminal
 
 
 class ExecLoop:
@@ -95,6 +96,8 @@ class ExecLoop:
         self.base_env.setdefault("HOME", profile["home"])
         self.cwd = spec["process"]["cwd"] or "/"
         self.deferred = creds.deferred_rlimits(profile)
+        # A terminal's relay writes to pipes the supervisor may close: EPIPE, not death.
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
         # Signals this process ignores would stay ignored across exec: reset them.
         # (_signal's plain ints: signal's enum conversions of 64 signals and their
         # handlers would each cost the worker private memory.)
@@ -105,6 +108,7 @@ class ExecLoop:
         self.by_id: dict[object, Child] = {}
         self.by_pidfd: dict[int, Child] = {}
         self.pipes: dict[int, Output] = {}  # read end -> output
+        self.relays: dict[int, terminal.Relay] = {}  # a terminal's fds -> its relay
         self.unannounced: dict[object, Child] = {}  # exec id -> child, oldest first
         self.zombies: dict[int, int] = {}  # exit seq -> pid, until the supervisor's ack
         self.seq = 0
@@ -126,7 +130,7 @@ class ExecLoop:
             if self.unannounced:
                 oldest = next(iter(self.unannounced.values()))
                 wait = max(0.0, oldest.started_at + ANNOUNCE_AFTER - time.monotonic()) * 1000
-            for fd, _ in self.poll.poll(wait):
+            for fd, ev in self.poll.poll(wait):
                 if fd == self.sock.fileno():
                     msg, fds = ipc.recv(self.sock)
                     if msg is None:  # supervisor gone (its commands stay, as runc exec's),
@@ -136,6 +140,8 @@ class ExecLoop:
                     out = self.pipes[fd]
                     if out.read(1 << 20):
                         self.close_output(out)
+                elif fd in self.relays:
+                    self.relays[fd].ready(fd, ev)
                 elif fd in self.by_pidfd:
                     self.exited(self.by_pidfd[fd])
                 elif fd == self.sigchld:
@@ -147,10 +153,15 @@ class ExecLoop:
     def handle(self, msg: dict, fds: list[int]) -> None:
         """A spawn or an ack from the supervisor (which alone kills commands: it holds
         their pidfds, or finds them among our children when we cannot open any)."""
+        if msg["op"] == internal.RESIZE:
+            child = self.by_id.get(msg["id"])
+            if child is not None and child.relay is not None:
+                child.relay.resize(msg["rows"], msg["cols"])
+            return
         try:
             self.reap_acked(msg["ack"])
             if msg["op"] == internal.SPAWN:
-                streamed = 2 if msg.get("streams") else 0  # stdout, stderr after stdin
+                streamed = (1 if msg.get("tty") else 2) if msg.get("streams") else 0  # after stdin
                 if len(fds) < msg["stdin"] + streamed:  # no room for them under our fd limit
                     return self.fail(msg["id"], errno.EMFILE, "stdin")
                 if streamed:
@@ -158,7 +169,8 @@ class ExecLoop:
                 self.spawn(msg, fds[0] if fds else 0)  # fd 0 reads nothing
         finally:
             for fd in fds:
-                os.close(fd)
+                if fd >= 0:  # -1: kept (a terminal's relay took it)
+                    os.close(fd)
 
     def prepare(self, msg: dict) -> tuple[str | None, dict]:
         """The executable's path and the env of a spawn; (None, _) once failed."""
@@ -176,11 +188,39 @@ class ExecLoop:
 
     def spawn_streamed(self, msg: dict, fds: list[int]) -> None:
         """A streamed exec: its stdio are the supervisor's pipes (stdin, if any, then
-        stdout and stderr), which the supervisor reads and writes itself."""
+        stdout and stderr), which the supervisor reads and writes itself; with ``tty``
+        a terminal of the container's, relayed to the pipes (stdin, if any, and one
+        output) by us (terminal.py)."""
         path, env = self.prepare(msg)
         if path is None:
             return
-        self.launch(msg, path, env, [fds[0] if msg["stdin"] else 0, fds[-2], fds[-1]], [])
+        if not msg.get("tty"):
+            self.launch(msg, path, env, [fds[0] if msg["stdin"] else 0, fds[-2], fds[-1]], [])
+            return
+        try:
+            master, peer = terminal.open_pty(msg.get("rows", 24), msg.get("cols", 80))
+        except OSError as exc:
+            return self.fail(msg["id"], exc.errno, "tty")
+        try:
+            child = self.launch(msg, path, env, [peer, peer, peer], [], ctty=True)
+        finally:
+            os.close(peer)  # the command's now: the master reads as ended once it is gone
+        if child is None:
+            os.close(master)
+            return
+        relay = child.relay = terminal.Relay(master, fds[0] if msg["stdin"] else -1, fds[-1],
+                                             lambda fd, mask: self.poll_relay(relay, fd, mask))
+        fds[-1] = -1
+        if msg["stdin"]:
+            fds[0] = -1
+        relay.update()
+
+    def poll_relay(self, relay: terminal.Relay, fd: int, mask: int) -> None:
+        if mask:
+            self.poll.register(fd, mask)  # or change its mask
+            self.relays[fd] = relay
+        elif self.relays.pop(fd, None) is not None:
+            self.poll.unregister(fd)
 
     def spawn(self, msg: dict, stdin: int) -> None:
         exec_id = msg["id"]
@@ -215,9 +255,10 @@ class ExecLoop:
                     os.close(fd)
 
     def launch(self, msg: dict, path: str, env: dict, child_fds: list[int], outputs: list[Output],
-               spare: int = -2) -> Child | None:
+               spare: int = -2, ctty: bool = False) -> Child | None:
         """Start the command on child_fds and track it (outputs: the pipes we read).
-        spare: a descriptor held for its pidfd (-2: take one now)."""
+        spare: a descriptor held for its pidfd (-2: take one now); ctty: its stdin is
+        a terminal to make its session's controlling terminal."""
         exec_id = msg["id"]
         if spare == -2:
             try:
@@ -225,7 +266,7 @@ class ExecLoop:
             except OSError as exc:
                 return self.fail(exec_id, exc.errno, "pipe")
         try:
-            pid = self.start(path, msg["argv"], env, child_fds)
+            pid = self.start(path, msg["argv"], env, child_fds, ctty)
         except OSError as exc:
             for fd in [*(o.fd for o in outputs), spare]:
                 if fd >= 0:
@@ -261,16 +302,17 @@ class ExecLoop:
             del self.unannounced[exec_id]
             self.announce(child)
 
-    def start(self, path: str, argv: list[str], env: dict, fds: list[int]) -> int:
-        if self.deferred:
-            return self.fork_exec(path, argv, env, fds)
+    def start(self, path: str, argv: list[str], env: dict, fds: list[int], ctty: bool = False) -> int:
+        if self.deferred or ctty:  # TIOCSCTTY must come from the child, after its setsid:
+            return self.fork_exec(path, argv, env, fds, ctty)  # posix_spawn has no such step
         return os.posix_spawn(path, argv, env,  # fds already in place are ours, inheritable
                               file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)
                                             if fd != i],
                               setsid=True, setsigdef=self.sigdef, setsigmask=())
 
-    def fork_exec(self, path: str, argv: list[str], env: dict, fds: list[int]) -> int:
-        """Fork-per-exec for profiles whose rlimits the worker must not take itself."""
+    def fork_exec(self, path: str, argv: list[str], env: dict, fds: list[int], ctty: bool = False) -> int:
+        """Fork-per-exec for profiles whose rlimits the worker must not take itself, and
+        for a terminal (ctty: fd 0 becomes the new session's controlling terminal)."""
         rd, wr = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
@@ -280,6 +322,8 @@ class ExecLoop:
                 os.setsid()
                 for i, fd in enumerate(fds):
                     os.dup2(fd, i)
+                if ctty:
+                    terminal.make_controlling(0)
                 for s in self.sigdef:
                     signal.signal(s, signal.SIG_DFL)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -353,6 +397,9 @@ class ExecLoop:
                 self.report(child, status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss)
 
     def report(self, child: Child, status: int, utime: float, stime: float, maxrss: int) -> None:
+        if child.relay is not None:  # a terminal: the exit goes once its output is through
+            relay, child.relay = child.relay, None
+            return relay.finish(lambda: self.report(child, status, utime, stime, maxrss))
         del self.by_id[child.exec_id], self.by_pid[child.pid]
         self.unannounced.pop(child.exec_id, None)
         for out in child.outputs:  # all the command wrote is in the pipe by now; a

@@ -47,6 +47,7 @@ import signal
 import socket
 import stat  # noqa: F401
 import sys
+import termios  # noqa: F401 (a terminal's ioctls, worker/terminal.py: no import after setns)
 import time  # noqa: F401
 
 import msgpack  # noqa: F401

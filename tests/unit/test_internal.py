@@ -16,6 +16,7 @@ SAMPLES = {
     internal.FATAL: internal.fatal("", 1, "no"),
     internal.SPAWN: internal.spawn(1, ["true"], {}, None, 0, False, False, 0),
     internal.ACK: internal.ack(3),
+    internal.RESIZE: internal.resize(1, 24, 80),
     internal.STARTED: internal.started(1, 7, 1.5),
     internal.FAILED: internal.failed(1, 2, "lookup"),
     internal.OUT: internal.out(1, 1, b"x"),

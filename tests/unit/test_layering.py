@@ -127,7 +127,8 @@ def test_worker_imports_no_heavy_dependency():
 def test_protocol_imports_no_heavy_dependency_except_client_zmq():
     bad = {}
     for f, names in _all_imports("protocol").items():
-        allowed = {"zmq"} if f == os.path.join("protocol", "client.py") else set()
+        clients = (os.path.join("protocol", "client.py"), os.path.join("protocol", "aio_client.py"))
+        allowed = {"zmq"} if f in clients else set()
         hits = sorted(n for n in names if _top(n) in HEAVY and _top(n) not in allowed)
         if hits:
             bad[f] = hits

@@ -26,10 +26,17 @@ def test_stream_options_and_their_bounds():
     for bad in ({"interactive": True}, {"detach": True},  # need stream: true
                 {"stream": True, "stdin": b"x"}, {"stream": True, "window": streams.MAX_WINDOW + 1},
                 {"stream": True, "grace": 0}, {"stream": True, "grace": True}, {"stream": 1},
-                {"stream": True, "tty": True}):  # not built: refused, never pretended
+                {"tty": True}, {"stream": True, "tty": 1}, {"stream": True, "tty": True, "rows": 0},
+                {"stream": True, "tty": True, "cols": 65536}):
         with pytest.raises(WarmexecError) as e:
             _exec(**bad)
         assert e.value.code == errors.BAD_REQUEST, bad
+
+
+def test_a_terminal_takes_its_size():
+    req = _exec(stream=True, tty=True, interactive=True, rows=33, cols=111)
+    assert req.stream.tty and (req.stream.rows, req.stream.cols) == (33, 111)
+    assert streams.parse_stream("resize", {"exec_id": 3, "rows": 40, "cols": 120}).cols == 120
 
 
 def test_stream_requests_are_parsed_strictly():
