@@ -38,13 +38,12 @@ import _signal
 import errno
 import os
 import select
-import signal
 import socket
-import stat
 import time
 
 from ..protocol import internal, ipc
-from . import creds, linux, terminal
+from . import creds, linux, spawn, terminal
+from .paths import PathCache, env_dict, lookup
 
 CHUNK = 96 * 1024  # output per message: well under a socketpair's default send buffer
 ANNOUNCE_AFTER = 0.002  # seconds a command runs before an unasked-for "started" is sent
@@ -92,7 +91,7 @@ class ExecLoop:
     def __init__(self, sock: socket.socket, spec: dict, profile: dict, null: bool) -> None:
         self.sock = sock
         self.null = null  # fds 0-2 are the container's /dev/null (else an empty pipe)
-        self.base_env = _env_dict(spec["process"]["env"])
+        self.base_env = env_dict(spec["process"]["env"])
         self.base_env.setdefault("HOME", profile["home"])
         self.cwd = spec["process"]["cwd"] or "/"
         self.deferred = creds.deferred_rlimits(profile)
@@ -266,7 +265,7 @@ class ExecLoop:
             except OSError as exc:
                 return self.fail(exec_id, exc.errno, "pipe")
         try:
-            pid = self.start(path, msg["argv"], env, child_fds, ctty)
+            pid = spawn.start(path, msg["argv"], env, child_fds, self.sigdef, self.deferred, ctty)
         except OSError as exc:
             for fd in [*(o.fd for o in outputs), spare]:
                 if fd >= 0:
@@ -301,50 +300,6 @@ class ExecLoop:
                 return
             del self.unannounced[exec_id]
             self.announce(child)
-
-    def start(self, path: str, argv: list[str], env: dict, fds: list[int], ctty: bool = False) -> int:
-        if self.deferred or ctty:  # TIOCSCTTY must come from the child, after its setsid:
-            return self.fork_exec(path, argv, env, fds, ctty)  # posix_spawn has no such step
-        return os.posix_spawn(path, argv, env,  # fds already in place are ours, inheritable
-                              file_actions=[(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(fds)
-                                            if fd != i],
-                              setsid=True, setsigdef=self.sigdef, setsigmask=())
-
-    def fork_exec(self, path: str, argv: list[str], env: dict, fds: list[int], ctty: bool = False) -> int:
-        """Fork-per-exec for profiles whose rlimits the worker must not take itself, and
-        for a terminal (ctty: fd 0 becomes the new session's controlling terminal)."""
-        rd, wr = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            code = 127
-            try:
-                os.close(rd)
-                os.setsid()
-                for i, fd in enumerate(fds):
-                    os.dup2(fd, i)
-                if ctty:
-                    terminal.make_controlling(0)
-                for s in self.sigdef:
-                    signal.signal(s, signal.SIG_DFL)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_SETMASK, ())
-                for res, soft, hard in self.deferred:
-                    creds.set_rlimit(res, soft, hard)
-                os.execve(path, argv, env)
-            except OSError as exc:
-                os.write(wr, exc.errno.to_bytes(4, "little"))
-            finally:
-                os._exit(code)
-        os.close(wr)
-        try:
-            data = os.read(rd, 4)
-        finally:
-            os.close(rd)
-        if data:
-            os.waitpid(pid, 0)
-            err = int.from_bytes(data, "little")
-            raise OSError(err, os.strerror(err))
-        return pid
 
     def fail(self, exec_id: object, err: int | None, stage: str) -> None:
         ipc.send(self.sock, internal.failed(exec_id, err or 0, stage))
@@ -433,54 +388,3 @@ def _pidfds_allowed() -> bool:
 
 def _ignore(*_: object) -> None:
     pass
-
-
-def _env_dict(env: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in env:
-        key, sep, value = item.partition("=")
-        if sep:
-            out[key] = value
-    return out
-
-
-class PathCache:
-    """$PATH values split into prefixes, bounded in bytes: a request can send a PATH of
-    any length, and the worker's memory is charged to the container."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.used = max_bytes, 0
-        self.entries: dict[str, tuple[str, ...]] = {}
-
-    def prefixes(self, path_var: str) -> tuple[str, ...]:
-        hit = self.entries.get(path_var)
-        if hit is not None:
-            return hit
-        found = tuple(f"{d or '.'}/" for d in path_var.split(":"))
-        if 2 * len(path_var) <= self.max_bytes:
-            while self.entries and self.used + 2 * len(path_var) > self.max_bytes:
-                old = next(iter(self.entries))
-                del self.entries[old]
-                self.used -= 2 * len(old)
-            self.entries[path_var] = found
-            self.used += 2 * len(path_var)
-        return found
-
-
-def lookup(name: str, path_var: str | None, cache: PathCache | None = None) -> tuple[str | None, int]:
-    """Find the executable as Go's exec.LookPath (runc) does: a name with a slash is
-    used as is; otherwise the first regular file with an execute bit on $PATH. No
-    PATH: nothing is searched."""
-    if "/" in name:
-        return name, 0
-    if not path_var:
-        return None, errno.ENOENT
-    prefixes = cache.prefixes(path_var) if cache else PathCache(0).prefixes(path_var)
-    for prefix in prefixes:  # stat only: the container's seccomp filter
-        try:                  # is ours too, and it may allow no more
-            st = os.stat(prefix + name)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
-            return prefix + name, 0
-    return None, errno.ENOENT
