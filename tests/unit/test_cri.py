@@ -10,7 +10,7 @@ import tempfile
 import grpc
 import pytest
 
-from warmexec.supervisor import cri
+from warmexec.supervisor import cri, cri_runtimes
 
 
 def test_exec_sync_request_decodes_as_protobuf_encodes_it():
@@ -31,7 +31,7 @@ def test_exec_sync_response_encoding():
 
 
 def test_timeouts_are_spelled_as_go_spells_durations():
-    assert [cri.go_duration(n) for n in (1, 59, 60, 90, 3600, 3661)] == \
+    assert [cri_runtimes.go_duration(n) for n in (1, 59, 60, 90, 3600, 3661)] == \
         ["1s", "59s", "1m0s", "1m30s", "1h0m0s", "1h1m1s"]
 
 
@@ -69,7 +69,9 @@ async def _through_proxy(check, endpoint: str | None = None) -> None:
     channel = grpc.aio.insecure_channel(upstream_sock)
     proxy = cri.Proxy(channel, endpoint=endpoint)
     if endpoint is None:
-        proxy.served.has = lambda cid: False  # no supervisor here: every ExecSync is forwarded
+        async def unknown(cid: str) -> str:
+            return "unknown_container"
+        proxy.served.why_not = unknown  # no supervisor here: every ExecSync is forwarded
     front = grpc.aio.server()
     front.add_generic_rpc_handlers((proxy,))
     front.add_insecure_port(proxy_sock)
