@@ -248,7 +248,8 @@ async def serve(listen: str, upstream: str, endpoint: str | None, kind: str | No
     if metrics_addr:
         from .metrics import MetricsServer
         host, _, port = metrics_addr.rpartition(":")
-        exporter = MetricsServer(metrics.registry, host or "127.0.0.1", int(port))
+        # its own thread and loop, started from a thread as it starts its loop itself
+        exporter = await asyncio.to_thread(MetricsServer, metrics.registry, host or "127.0.0.1", int(port))
     channel = grpc.aio.insecure_channel(upstream, options=_OPTIONS)
     server = grpc.aio.server(options=_OPTIONS)
     proxy = Proxy(channel, endpoint, kind, metrics)

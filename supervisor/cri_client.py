@@ -47,9 +47,10 @@ class Supervisor:
             self.sock.close(linger=0)
         self.ctx.term()
 
-    async def call(self, op: str, timeout: float | None, **fields: Any) -> dict:
-        """The reply's map; WarmexecError for an error reply, a timeout or no supervisor."""
-        reply = await self._wait(self._send(op, fields), timeout)
+    async def call(self, op: str, wait: float | None, **fields: Any) -> dict:
+        """The reply's map; WarmexecError for an error reply, no reply within wait seconds
+        (None: while the supervisor answers pings) or no supervisor."""
+        reply = await self._wait(self._send(op, fields), wait)
         if not reply.get("ok"):
             err = reply.get("error") or {}
             raise WarmexecError(err.get("code", errors.INTERNAL), err.get("message", ""))
