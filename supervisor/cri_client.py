@@ -21,14 +21,11 @@ import zmq
 import zmq.asyncio
 
 from ..protocol import codec, errors
-from ..protocol.client import LIVENESS, REPLY_MARGIN, too_large
+from ..protocol.client import LIVENESS, MAX_REPLY, REPLY_MARGIN, too_large
 from ..protocol.errors import WarmexecError
 from ..protocol.messages import VERSION
 
 log = logging.getLogger("warmexec")
-
-#: The largest reply read: two streams captured up to 16 MiB each and the rest of the map.
-MAX_REPLY = (32 << 20) + (64 << 10)
 
 
 class Supervisor:

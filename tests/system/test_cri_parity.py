@@ -104,3 +104,21 @@ def test_failures_answer_as_containerd(front, case):
         "timeout": (box.container_id, ["sleep", "10"], 1),
     }[case]
     assert answer(ours, box, cid, cmd, timeout) == answer(box.runtime, box, cid, cmd, timeout)
+
+
+@pytest.mark.parametrize("size", [5 << 20, (16 << 20) + 1])
+def test_output_of_megabytes_answers_as_containerd(front, size):
+    """5 MiB of stdout comes back whole from both; 16 MiB + 1 byte is kept to 16 MiB by
+    both and the reply is then over containerd's 16 MiB: RESOURCE_EXHAUSTED from both,
+    with the same sizes in its words."""
+    box, ours, sup = front
+    cmd = ["sh", "-c", f"head -c {size} /dev/zero; echo done >&2"]
+    theirs = answer(box.runtime, box, box.container_id, cmd)
+    before = execs_run(sup)
+    got = answer(ours, box, box.container_id, cmd)
+    assert execs_run(sup) == before + 1  # the warm worker ran it
+    if size < 16 << 20:
+        assert (len(theirs[1]), theirs[2], theirs[0]) == (size, b"done\n", 0)
+    else:
+        assert theirs[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert got == theirs
