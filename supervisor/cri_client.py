@@ -1,13 +1,18 @@
 """The supervisor, as ``warmexec cri`` asks it: one ZeroMQ DEALER on the proxy's own loop.
 
-The CRI server is one asyncio loop (grpc.aio). Asking the supervisor from that loop,
-through one socket whose replies a reader task hands to the calls waiting for them by
-request id, costs no thread hop and no socket per thread: the ExecSync fast path is a
-protobuf decode, one msgpack frame each way and a protobuf encode. The same rules as
-:class:`warmexec.protocol.Client`: a request over the supervisor's frame limit is never
-sent, and a call never waits forever: while a reply is outstanding the supervisor is
-pinged every LIVENESS seconds, and one that does not answer the ping makes the call
-``UNREACHABLE``.
+The CRI server is one asyncio loop (grpc.aio). Asking the supervisor from that loop
+costs no thread hop and no socket per thread: a request is a non-blocking send on one
+DEALER, and its reply, read when the socket's descriptor turns readable, completes the
+future its call awaits (by request id). That is the ExecSync fast path: a protobuf
+decode, one msgpack frame each way, a protobuf encode. pyzmq's own asyncio sockets
+would do the same with a future, a callback and a poll per message, which measured
+about as much CPU as the rest of the proxy's ExecSync work.
+
+The same rules as :class:`warmexec.protocol.Client`: a request over the supervisor's
+frame limit is never sent; a call never waits forever: while replies are outstanding
+and nothing has come from the supervisor for LIVENESS seconds, it is pinged, and if
+nothing comes for LIVENESS more every call waiting is ``UNREACHABLE``; a call with a
+deadline (an exec's timeout plus REPLY_MARGIN, a list's 0.5 s) is ``TIMEOUT`` past it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import logging
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from ..protocol import codec, errors
 from ..protocol.client import LIVENESS, MAX_REPLY, REPLY_MARGIN, too_large
@@ -31,23 +35,32 @@ log = logging.getLogger("warmexec")
 class Supervisor:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.ctx = zmq.asyncio.Context()
-        self.sock: zmq.asyncio.Socket | None = None
-        self.reader: asyncio.Task | None = None
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.ids = itertools.count(1)
         self.waiting: dict[int, asyncio.Future] = {}
+        self.heard = 0.0  # loop time of the last message from the supervisor
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
         if self.sock is not None:
+            self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
             self.sock.close(linger=0)
         self.ctx.term()
 
     async def call(self, op: str, wait: float | None, **fields: Any) -> dict:
         """The reply's map; WarmexecError for an error reply, no reply within wait seconds
-        (None: while the supervisor answers pings) or no supervisor."""
-        reply = await self._wait(self._send(op, fields), wait)
+        (None: for as long as the supervisor answers pings) or no supervisor."""
+        fut = self._send(op, fields)
+        deadline = None if wait is None else self.loop.call_later(wait, _fail, fut, errors.TIMEOUT,
+                                                                  f"no reply within {wait}s")
+        try:
+            reply = await fut
+        finally:
+            self.waiting.pop(fut.rid, None)
+            if deadline is not None:
+                deadline.cancel()
         if not reply.get("ok"):
             err = reply.get("error") or {}
             raise WarmexecError(err.get("code", errors.INTERNAL), err.get("message", ""))
@@ -61,12 +74,10 @@ class Supervisor:
     # ---- the socket ------------------------------------------------------------------
     def _send(self, op: str, fields: dict) -> asyncio.Future:
         if self.sock is None:
-            self.sock = self.ctx.socket(zmq.DEALER)
-            self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.connect(self.endpoint)
-            self.reader = asyncio.get_running_loop().create_task(self._read())
+            self._connect()
         rid = next(self.ids)
-        msg = {"v": VERSION, "id": rid, "op": op, **{k: v for k, v in fields.items() if v is not None}}
+        msg = {"v": VERSION, "id": rid, "op": op}
+        msg.update((k, v) for k, v in fields.items() if v is not None)
         data = codec.pack(msg)
         if len(data) > codec.MAX_MESSAGE:
             raise WarmexecError(errors.BAD_REQUEST, too_large(len(data)))
@@ -74,39 +85,67 @@ class Supervisor:
             self.sock.send(data, zmq.NOBLOCK)  # queued by ZeroMQ: never waits on the supervisor
         except zmq.Again:
             raise WarmexecError(errors.UNREACHABLE, "cannot reach the supervisor") from None
-        fut = self.waiting[rid] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(lambda _: self.waiting.pop(rid, None))
+        fut = self.loop.create_future()
+        fut.rid = rid
+        if not self.waiting:
+            self.heard = self.loop.time()  # quiet time counts from the first call waiting
+        if self.watchdog is None:
+            self._arm()
+        self.waiting[rid] = fut
+        self.loop.call_soon(self._readable)  # a send can take the descriptor's edge: look now
         return fut
 
-    async def _read(self) -> None:
-        while True:
-            data = await self.sock.recv()
+    def _connect(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.endpoint)
+        self.loop.add_reader(self.sock.getsockopt(zmq.FD), self._readable)
+
+    def _readable(self) -> None:
+        """Every message there is (ZeroMQ's descriptor signals edges, not levels)."""
+        sock = self.sock
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            data = sock.recv(zmq.NOBLOCK)
+            self.heard = self.loop.time()
             try:
                 msg = codec.unpack_map(data, MAX_REPLY)
             except codec.ProtocolError as exc:
                 log.warning("undecodable reply from the supervisor: %s", exc)
                 continue
-            fut = self.waiting.get(msg.get("id"))
+            fut = self.waiting.pop(msg.get("id"), None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
 
-    async def _wait(self, fut: asyncio.Future, timeout: float | None) -> dict:
-        loop = asyncio.get_running_loop()
-        end = None if timeout is None else loop.time() + timeout
-        try:
-            while True:
-                left = LIVENESS if end is None else min(LIVENESS, end - loop.time())
-                if left <= 0:
-                    raise WarmexecError(errors.TIMEOUT, f"no reply within {timeout}s")
-                done, _ = await asyncio.wait((fut,), timeout=left)
-                if done:
-                    return fut.result()
-                if end is None or end - loop.time() > 0:  # quiet for LIVENESS: is it there?
-                    probe = self._send("ping", {})
-                    done, _ = await asyncio.wait((fut, probe), timeout=LIVENESS,
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    probe.cancel()
-                    if not done:
-                        raise WarmexecError(errors.UNREACHABLE, "the supervisor is not answering")
-        finally:
-            fut.cancel()  # a no-op once answered; a late reply is dropped
+    # ---- liveness --------------------------------------------------------------------
+    def _arm(self) -> None:
+        self.watchdog = self.loop.call_at(self.heard + LIVENESS, self._check)
+
+    def _check(self) -> None:
+        """While calls wait: ping after LIVENESS of silence, give up after twice that."""
+        self.watchdog = None
+        pending = [f for f in self.waiting.values() if not f.done()]
+        if not pending:
+            return
+        quiet = self.loop.time() - self.heard
+        if quiet >= 2 * LIVENESS:
+            for fut in pending:
+                _fail(fut, errors.UNREACHABLE, "the supervisor is not answering")
+            return
+        if quiet >= LIVENESS:  # its answer, the pong, counts as hearing from it
+            ping = self._send("ping", {})
+            ping.add_done_callback(self._pinged)
+            self.watchdog = self.loop.call_at(self.heard + 2 * LIVENESS, self._check)
+        else:
+            self._arm()
+
+
+    def _pinged(self, ping: asyncio.Future) -> None:
+        self.waiting.pop(ping.rid, None)
+        if not ping.cancelled():
+            ping.exception()  # retrieved: an unanswered ping is the calls' error, not its own
+
+
+def _fail(fut: asyncio.Future, code: str, message: str) -> None:
+    if not fut.done():
+        fut.set_exception(WarmexecError(code, message))
