@@ -248,8 +248,13 @@ async def serve(listen: str, upstream: str, endpoint: str | None, kind: str | No
     if metrics_addr:
         from .metrics import MetricsServer
         host, _, port = metrics_addr.rpartition(":")
-        # its own thread and loop, started from a thread as it starts its loop itself
-        exporter = await asyncio.to_thread(MetricsServer, metrics.registry, host or "127.0.0.1", int(port))
+        try:  # its own thread and loop, started from a thread as it starts its loop itself
+            exporter = await asyncio.to_thread(MetricsServer, metrics.registry, host or "127.0.0.1",
+                                               int(port))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"warmexec cri: cannot serve metrics on {metrics_addr!r}: {exc}") from None
+    if listen.startswith("unix:"):
+        os.makedirs(os.path.dirname(_unix_path(listen)) or ".", mode=0o700, exist_ok=True)
     channel = grpc.aio.insecure_channel(upstream, options=_OPTIONS)
     server = grpc.aio.server(options=_OPTIONS)
     proxy = Proxy(channel, endpoint, kind, metrics)

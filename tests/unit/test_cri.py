@@ -126,3 +126,13 @@ def test_with_the_supervisor_down_exec_sync_goes_to_the_runtime_at_once():
             assert await client.unary_unary(cri.EXEC_SYNC)(request, timeout=5) == request + b"!"
     d = tempfile.mkdtemp(prefix="we-cri-")
     asyncio.run(_through_proxy(check, endpoint=f"ipc://{d}/no-supervisor.sock"))
+
+
+def test_a_bad_metrics_address_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", "cri", "--listen",
+                        f"unix://{tmp_path}/cri.sock", "--upstream", f"unix://{tmp_path}/up.sock",
+                        "--metrics-addr", "127.0.0.1:nope"], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "warmexec cri: cannot serve metrics on '127.0.0.1:nope'" in r.stderr and "Traceback" not in r.stderr
