@@ -79,7 +79,8 @@ class Front:
     def metric(self, name: str, **labels: str) -> float:
         """One sample of the proxy's own metrics, read over HTTP (0 when absent)."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         for line in text.splitlines():
             m = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? (\S+)", line)

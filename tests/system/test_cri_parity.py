@@ -164,7 +164,8 @@ def test_the_shipped_unit_runs_as_documented(front, tmp_path):
         before = execs_run(sup)
         assert answer(stub, box, box.container_id, ["sh", "-c", "exit 7"]) == (7, b"", b"")
         assert execs_run(sup) == before + 1
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
         assert 'warmexec_cri_execsync_total{path="warm",reason="served"} 1.0' in text
         assert 'warmexec_cri_upstream_info{kind="containerd"} 1.0' in text
         channel.close()
