@@ -106,8 +106,7 @@ class Proxy(grpc.GenericRpcHandler):
         self.supervisor = Supervisor(endpoint or default_endpoint())
         self.served = Served(self.supervisor)
         self.metrics = metrics or CriMetrics()
-        self.fixed_kind = kind  # --upstream-kind; None: from the runtime's Version
-        self.kind_ = kind or runtimes.CONTAINERD
+        self.kind_ = kind or runtimes.CONTAINERD  # --upstream-kind, else the runtime's Version (below)
         self.kind_at: float | None = 0.0 if kind else None  # when the runtime's name was known
         self.kind_asked = -VERSION_RETRY
         if kind:

@@ -35,7 +35,7 @@ log = logging.getLogger("warmexec")
 class Supervisor:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context.instance()  # the process's one context, as Client's: never collected
         self.sock: zmq.Socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ids = itertools.count(1)
@@ -47,7 +47,7 @@ class Supervisor:
         if self.sock is not None:
             self.loop.remove_reader(self.sock.getsockopt(zmq.FD))
             self.sock.close(linger=0)
-        self.ctx.term()
+            self.sock = None
 
     async def call(self, op: str, wait: float | None, **fields: Any) -> dict:
         """The reply's map; WarmexecError for an error reply, no reply within wait seconds

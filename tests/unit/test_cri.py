@@ -83,6 +83,7 @@ async def _through_proxy(check, endpoint: str | None = None) -> None:
         await front.stop(0)
         await up.stop(0)
         await channel.close()
+        proxy.supervisor.close()
 
 
 def test_unknown_and_streaming_methods_are_forwarded_with_metadata_and_trailers():
