@@ -31,6 +31,9 @@ from .streams import DEFAULT_WINDOW
 DEFAULT_ENDPOINT = "ipc:///run/warmexec/warmexec.sock"
 LIVENESS = 5.0  # seconds without a reply before the supervisor is pinged
 REPLY_MARGIN = 30.0  # beyond an exec's own timeout
+#: The largest reply read: two streams captured up to 16 MiB each and the rest of the map
+#: (requests are held to codec.MAX_MESSAGE; replies come from the supervisor).
+MAX_REPLY = (32 << 20) + (64 << 10)
 
 
 def too_large(size: int | str) -> str:
@@ -174,7 +177,7 @@ class Client:
             data = self.sock.recv(zmq.NOBLOCK)
         except zmq.Again:
             return None
-        msg = codec.unpack_map(data)
+        msg = codec.unpack_map(data, MAX_REPLY)
         queue = self._streams.get(msg.get("id"))
         if queue is not None:
             queue.append(msg)

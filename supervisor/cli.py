@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the runtime's CRI socket, e.g. unix:///run/containerd/containerd.sock")
     cri.add_argument("--endpoint", default=None, help="the supervisor (default $WARMEXEC_ENDPOINT or "
                                                       f"{DEFAULT_ENDPOINT})")
+    cri.add_argument("--upstream-kind", choices=("containerd", "cri-o"), default=None,
+                     help="whose ExecSync answers to give (default: from the runtime's Version reply)")
+    cri.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
+                     help="serve the proxy's own Prometheus metrics there (default: none)")
     cri.add_argument("--log-level", default="INFO")
     cri.set_defaults(func=cmd_cri)
 
@@ -297,7 +301,7 @@ def cmd_cri(args: argparse.Namespace) -> int:
 
     configure(args.log_level, "text")
     try:
-        asyncio.run(serve(args.listen, args.upstream, args.endpoint))
+        asyncio.run(serve(args.listen, args.upstream, args.endpoint, args.upstream_kind, args.metrics_addr))
     except KeyboardInterrupt:
         pass
     return 0

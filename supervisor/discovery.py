@@ -49,6 +49,12 @@ class Container:
         return (a.get("io.kubernetes.pod.name") or a.get("io.kubernetes.cri.sandbox-name"),
                 a.get("io.kubernetes.pod.namespace") or a.get("io.kubernetes.cri.sandbox-namespace"))
 
+    def cri_container_type(self) -> str | None:
+        """"container" or "sandbox" (a pod's), from containerd's CRI plugin's annotation or
+        CRI-O's; None for a container no CRI runtime made."""
+        a = self.labels
+        return a.get("io.kubernetes.cri.container-type") or a.get("io.kubernetes.cri-o.ContainerType")
+
     def spec(self) -> dict:
         """What the worker needs, as a msgpack-able map."""
         return {"id": self.id, "init_pid": self.init_pid, "init_start": self.init_start,

@@ -66,6 +66,8 @@ def engine(info: Container) -> tuple[str, str | None]:
         ns = bundle_ns
     if ns == "moby" and (bundle_ns is not None or os.path.basename(parent) == "runtime-runc"):
         return "docker", None
+    if info.labels.get("io.kubernetes.cri-o.ContainerType"):  # CRI-O's, under its runc or crun root
+        return "cri-o", None
     if info.labels.get("io.kubernetes.cri.container-type") or info.labels.get("io.kubernetes.pod.name"):
         return ("cri-o", None) if "crio" in root or "cri-o" in root else ("cri", ns)
     if bundle_ns is not None or (os.path.basename(parent) == "runc" and "containerd" in parent):

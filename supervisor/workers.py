@@ -161,7 +161,7 @@ class WorkerTable:
             pod, pod_ns = c.info.kubernetes()
             rows.append({**c.describe(), "name": self.names.name(c.name), "engine": kind,
                          "containerd_namespace": ns, "image": image(c.info, self.names.docker.get(c.name)),
-                         "cri_container_type": c.info.labels.get("io.kubernetes.cri.container-type"),
+                         "cri_container_type": c.info.cri_container_type(),
                          "pod": pod, "namespace": pod_ns})
         return rows
 

@@ -9,15 +9,19 @@ and through warmexec."""
 from __future__ import annotations
 
 import os
+import shlex
+import stat
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
 from bench import cri_stubs
 from bench.cribox import CriBox, CriUnavailable
+from bench.harness import free_port
 
-from .conftest import SupervisorProcess, stop_cleanly, wait_for, wait_ready
+from .conftest import REPO, SupervisorProcess, stop_cleanly, wait_for, wait_ready
 
 grpc = pytest.importorskip("grpc")
 
@@ -104,3 +108,67 @@ def test_failures_answer_as_containerd(front, case):
         "timeout": (box.container_id, ["sleep", "10"], 1),
     }[case]
     assert answer(ours, box, cid, cmd, timeout) == answer(box.runtime, box, cid, cmd, timeout)
+
+
+@pytest.mark.parametrize("size", [5 << 20, (16 << 20) + 1])
+def test_output_of_megabytes_answers_as_containerd(front, size):
+    """5 MiB of stdout comes back whole from both; 16 MiB + 1 byte is kept to 16 MiB by
+    both and the reply is then over containerd's 16 MiB: RESOURCE_EXHAUSTED from both,
+    with the same sizes in its words."""
+    box, ours, sup = front
+    cmd = ["sh", "-c", f"head -c {size} /dev/zero; echo done >&2"]
+    theirs = answer(box.runtime, box, box.container_id, cmd)
+    before = execs_run(sup)
+    got = answer(ours, box, box.container_id, cmd)
+    assert execs_run(sup) == before + 1  # the warm worker ran it
+    if size < 16 << 20:
+        assert (len(theirs[1]), theirs[2], theirs[0]) == (size, b"done\n", 0)
+    else:
+        assert theirs[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert got == theirs
+
+
+UNIT = os.path.join(REPO, "docs", "systemd", "warmexec-cri.service")
+
+
+def exec_start(path: str) -> list[str]:
+    """The unit's ExecStart as systemd splits it (continuation lines joined)."""
+    with open(path) as f:
+        text = f.read().replace("\\\n", " ")
+    [line] = [ln for ln in text.splitlines() if ln.startswith("ExecStart=")]
+    return shlex.split(line[len("ExecStart="):])
+
+
+def test_the_shipped_unit_runs_as_documented(front, tmp_path):
+    """docs/CRI.md's setup: the unit's own command line, its sockets and port moved to
+    this test's containerd and supervisor, then one ExecSync through it."""
+    box, _, sup = front
+    argv = exec_start(UNIT)
+    assert argv[:2] == ["/usr/local/bin/warmexec", "cri"]
+    port = free_port()
+    moved = {"unix:///run/warmexec/cri.sock": f"unix://{tmp_path}/cri.sock",
+             "unix:///run/containerd/containerd.sock": box.socket,
+             "ipc:///run/warmexec/warmexec.sock": sup.endpoint, "127.0.0.1:9751": f"127.0.0.1:{port}"}
+    assert set(moved) <= set(argv), "the unit no longer says what docs/CRI.md says"
+    warmexec = os.path.join(os.path.dirname(sys.executable), "warmexec")  # the installed entry point
+    proc = subprocess.Popen([warmexec, *(moved.get(a, a) for a in argv[1:])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sock = f"{tmp_path}/cri.sock"
+        wait_for(lambda: os.path.exists(sock), 15, "the unit's warmexec cri to listen")
+        ours, containerd = os.stat(sock), os.stat(box.socket[len("unix://"):])
+        assert (stat.S_IMODE(ours.st_mode), ours.st_uid, ours.st_gid) == \
+            (stat.S_IMODE(containerd.st_mode), containerd.st_uid, containerd.st_gid) == (0o660, 0, 0)
+        channel = cri_stubs.channel(f"unix://{sock}")
+        stub = box.stubs.rpc.RuntimeServiceStub(channel)
+        before = execs_run(sup)
+        assert answer(stub, box, box.container_id, ["sh", "-c", "exit 7"]) == (7, b"", b"")
+        assert execs_run(sup) == before + 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert 'warmexec_cri_execsync_total{path="warm",reason="served"} 1.0' in text
+        assert 'warmexec_cri_upstream_info{kind="containerd"} 1.0' in text
+        channel.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

@@ -15,12 +15,13 @@ from warmexec.protocol.errors import WarmexecError
 
 from ..unit.test_grafana import load, queried_metrics
 from .conftest import wait_for
+from .crifront import exec_sync, proxy_with_a_container
 
 
 # ---- against a real supervisor ---------------------------------------------------
-def _scrape(supervisor) -> tuple[str, set[str], set[str]]:
+def _scrape(supervisor, port: int | None = None) -> tuple[str, set[str], set[str]]:
     """The text, the sample names and the declared names (from # TYPE) of one scrape."""
-    url = f"http://127.0.0.1:{supervisor.metrics_port}/metrics"
+    url = f"http://127.0.0.1:{port or supervisor.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     samples, declared = set(), set()
     for line in text.splitlines():
@@ -34,7 +35,18 @@ def _scrape(supervisor) -> tuple[str, set[str], set[str]]:
 
 @pytest.mark.root
 def test_scrape_has_every_metric_the_dashboard_queries(hooked_supervisor, hooked_client, hooked_container,
-                                                      dashboard_probed):
+                                                       dashboard_probed, box, supervisor, client):
+    with proxy_with_a_container(box, supervisor, client) as (front, cid):
+        exec_sync(front.channel, cid, ["true"])
+        exec_sync(front.channel, "no-such-container", ["true"])
+        _, cri_samples, _ = _scrape(None, front.metrics_port)
+    used = queried_metrics(load())
+    cri = {n for n in used if n.startswith("warmexec_cri_")}  # the CRI proxy's own target
+    assert cri and cri <= cri_samples, f"no sample in warmexec cri's scrape for {sorted(cri - cri_samples)}"
+    _check_supervisor(hooked_supervisor, hooked_client, hooked_container, used - cri)
+
+
+def _check_supervisor(hooked_supervisor, hooked_client, hooked_container, used: set[str]) -> None:
     assert hooked_client.exec(hooked_container, ["true"])["exit_code"] == 0
     assert hooked_client.exec(hooked_container, ["sh", "-c", "exit 3"])["exit_code"] == 3
     assert hooked_client.exec(hooked_container, ["sh", "-c", "kill -TERM $$"])["exit_code"] == 143
@@ -44,7 +56,6 @@ def test_scrape_has_every_metric_the_dashboard_queries(hooked_supervisor, hooked
     with pytest.raises(WarmexecError):
         hooked_client.exec("no-such-container", ["true"])
 
-    used = queried_metrics(load())
     # No OOM kill nor hook failure happens here: those two are declared with no sample yet.
     unobserved = {"warmexec_exec_oom_kills_total", "warmexec_hook_failures_total"}
     want = used - unobserved

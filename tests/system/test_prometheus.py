@@ -32,6 +32,7 @@ from warmexec.protocol.errors import WarmexecError
 from ..unit.test_grafana import data_panels, load
 from ..unit.test_prometheus import ALERT, RECORD, RULES, SEVERITIES, binary
 from .conftest import wait_for, wait_ready
+from .crifront import exec_sync, proxy_with_a_container
 
 # What the dashboard's variables and ranges stand for in the queries sent to Prometheus.
 RATE_INTERVAL = "1m"  # the whole test fits in it: every exec below is inside every window
@@ -60,11 +61,13 @@ def test_promtool_check_metrics_accepts_a_real_scrape(supervisor, client, contai
 
 # ---- a real Prometheus (root) ------------------------------------------------------
 class Prometheus:
-    """`prometheus` on a free loopback port and a private TSDB, scraping one supervisor."""
+    """`prometheus` on a free loopback port and a private TSDB, scraping one supervisor
+    (job warmexec) and, given its port, one warmexec cri (job warmexec-cri)."""
 
-    def __init__(self, workdir: str, metrics_port: int, scrape_configs: str | None = None) -> None:
+    def __init__(self, workdir: str, metrics_port: int, scrape_configs: str | None = None,
+                 cri_port: int | None = None) -> None:
         """scrape_configs: the YAML of the list under `scrape_configs:` (default: one job
-        scraping the supervisor's /metrics)."""
+        scraping the supervisor's /metrics, and one scraping warmexec cri's with cri_port)."""
         self.started = time.monotonic()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -78,7 +81,10 @@ class Prometheus:
                     "scrape_configs:\n"
                     + (scrape_configs or "  - job_name: warmexec\n"
                                          "    static_configs:\n"
-                                         f"      - targets: ['127.0.0.1:{metrics_port}']\n"))
+                                         f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+                    + ("  - job_name: warmexec-cri\n"
+                       "    static_configs:\n"
+                       f"      - targets: ['127.0.0.1:{cri_port}']\n" if cri_port else ""))
         self.log_path = os.path.join(workdir, "prometheus.log")
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -129,9 +135,17 @@ class Prometheus:
 
 
 @pytest.fixture
-def prometheus(hooked_supervisor, tmp_path) -> Iterator[Prometheus]:
-    """Scraping the hooked supervisor: the dashboard's hook panels need hook samples."""
-    prom = Prometheus(str(tmp_path), hooked_supervisor.metrics_port)
+def cri_proxy(box, supervisor, client):
+    """warmexec cri and a CRI container it serves: the dashboard's CRI panels."""
+    with proxy_with_a_container(box, supervisor, client, "prom-cri") as front_and_cid:
+        yield front_and_cid
+
+
+@pytest.fixture
+def prometheus(hooked_supervisor, cri_proxy, tmp_path) -> Iterator[Prometheus]:
+    """Scraping the hooked supervisor (the dashboard's hook panels need hook samples) and
+    the CRI proxy."""
+    prom = Prometheus(str(tmp_path), hooked_supervisor.metrics_port, cri_port=cri_proxy[0].metrics_port)
     try:
         yield prom
     finally:
@@ -155,8 +169,14 @@ def label_values(prom: Prometheus, query: str) -> list[str]:
     return prom.api(f"label/{label}/values", **{"match[]": selector})
 
 
-def exercise(client, container: str, k8s: str) -> None:
-    """One round of execs with every outcome the dashboard shows, bar OOM kills and hook failures."""
+def exercise(client, container: str, k8s: str, cri=None) -> None:
+    """One round of execs with every outcome the dashboard shows, bar OOM kills and hook
+    failures; and, given (front, container id), ExecSyncs through warmexec cri both ways."""
+    if cri is not None:
+        front, cid = cri
+        for _ in range(3):
+            assert exec_sync(front.channel, cid, ["true"])[2] == 0
+        assert exec_sync(front.channel, "no-such-container", ["true"])[2] == 42  # the runtime's
     for _ in range(3):
         assert client.exec(container, ["true"])["exit_code"] == 0
     assert client.exec(container, ["sh", "-c", "exit 3"])["exit_code"] == 3
@@ -175,32 +195,39 @@ def exercise(client, container: str, k8s: str) -> None:
 
 @pytest.mark.root
 def test_prometheus_evaluates_every_dashboard_query_and_rule(box, hooked_client, hooked_container,
-                                                              dashboard_probed, prometheus):
+                                                              dashboard_probed, cri_proxy, prometheus):
     cfg = box.config()
     cfg["annotations"] = {"io.kubernetes.cri.sandbox-name": K8S["pod"],
                           "io.kubernetes.cri.sandbox-namespace": K8S["namespace"]}
     k8s = box.run("prom-probe", cfg)
     try:
         wait_ready(hooked_client, k8s)
-        _check(prometheus, hooked_client, hooked_container, k8s, dashboard_probed)
+        _check(prometheus, hooked_client, hooked_container, k8s, dashboard_probed, cri_proxy)
     finally:
         box.delete(k8s)
         wait_for(lambda: all(r["id"] != k8s for r in hooked_client.list()), 10, "the probe container to go")
     assert time.monotonic() - prometheus.started < 60, "keep this test under a minute"
 
 
-def _check(prom: Prometheus, client, container: str, k8s: str, probed: str) -> None:
+def _check(prom: Prometheus, client, container: str, k8s: str, probed: str, cri) -> None:
     # ---- scrapes: two rounds of execs, each seen by Prometheus, so rate() has an increase
     wait_for(lambda: values(prom.query('up{job="warmexec"}')["result"]) == [1.0], 15,
              "Prometheus to scrape the supervisor")
     probe_failures = f'warmexec_exec_exits_total{{container="{k8s}",code="1"}}'
+    wait_for(lambda: values(prom.query('up{job="warmexec-cri"}')["result"]) == [1.0], 15,
+             "Prometheus to scrape warmexec cri")
+    warm = 'warmexec_cri_execsync_total{path="warm",reason="served"}'
     for total in (3.0, 6.0):
-        exercise(client, container, k8s)
+        exercise(client, container, k8s, cri)
         wait_for(lambda total=total: values(prom.query(probe_failures)["result"]) == [total], 15,
                  f"Prometheus to scrape {total:.0f} failed probes")
+        # 1 more: the fixture's first ExecSync, which waited for the proxy to serve the container
+        wait_for(lambda total=total: values(prom.query(warm)["result"]) == [1 + total], 15,
+                 f"Prometheus to scrape {total:.0f} warm ExecSyncs")
     # the supervisor's scrape and the rules are healthy
-    (target,) = prom.api("targets", state="active")["activeTargets"]
-    assert target["health"] == "up" and target["labels"]["job"] == "warmexec", target
+    targets = {t["labels"]["job"]: t for t in prom.api("targets", state="active")["activeTargets"]}
+    assert set(targets) == {"warmexec", "warmexec-cri"}, targets
+    assert all(t["health"] == "up" for t in targets.values()), targets
 
     def evaluated() -> list[dict] | None:
         rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
@@ -260,6 +287,14 @@ def _check(prom: Prometheus, client, container: str, k8s: str, probed: str) -> N
     assert ratios == {probed: 0.0}
     assert ("dashboard", "running") in {(s["metric"]["probe"], s["metric"]["reason"])
                                         for s in panel("Probe ticks skipped")}
+    by_path = {(s["metric"]["path"], s["metric"]["reason"]): float(s["value"][1])
+               for s in panel("CRI ExecSync by path / reason")}
+    assert by_path[("warm", "served")] > 0 and by_path[("upstream", "unknown_container")] > 0, by_path
+    for ref in "AB":
+        paths = {s["metric"]["path"]: float(s["value"][1])
+                 for s in panel("CRI ExecSync p50 / p99 by path", ref)}
+        assert 0 < paths["warm"] <= 60 and 0 < paths["upstream"] <= 60, (ref, paths)
+    assert [s["metric"]["kind"] for s in panel("CRI upstream")] == ["containerd"]
 
     # ---- the variables: label_values() is Grafana's call of the label values API
     for name, query in (("namespace", "label_values(warmexec_exec_exits_total, namespace)"),

@@ -10,7 +10,7 @@ import tempfile
 import grpc
 import pytest
 
-from warmexec.supervisor import cri
+from warmexec.supervisor import cri, cri_runtimes
 
 
 def test_exec_sync_request_decodes_as_protobuf_encodes_it():
@@ -31,7 +31,7 @@ def test_exec_sync_response_encoding():
 
 
 def test_timeouts_are_spelled_as_go_spells_durations():
-    assert [cri.go_duration(n) for n in (1, 59, 60, 90, 3600, 3661)] == \
+    assert [cri_runtimes.go_duration(n) for n in (1, 59, 60, 90, 3600, 3661)] == \
         ["1s", "59s", "1m0s", "1m30s", "1h0m0s", "1h1m1s"]
 
 
@@ -69,7 +69,9 @@ async def _through_proxy(check, endpoint: str | None = None) -> None:
     channel = grpc.aio.insecure_channel(upstream_sock)
     proxy = cri.Proxy(channel, endpoint=endpoint)
     if endpoint is None:
-        proxy.served.has = lambda cid: False  # no supervisor here: every ExecSync is forwarded
+        async def unknown(cid: str) -> str:
+            return "unknown_container"
+        proxy.served.why_not = unknown  # no supervisor here: every ExecSync is forwarded
     front = grpc.aio.server()
     front.add_generic_rpc_handlers((proxy,))
     front.add_insecure_port(proxy_sock)
@@ -81,6 +83,7 @@ async def _through_proxy(check, endpoint: str | None = None) -> None:
         await front.stop(0)
         await up.stop(0)
         await channel.close()
+        proxy.supervisor.close()
 
 
 def test_unknown_and_streaming_methods_are_forwarded_with_metadata_and_trailers():
@@ -124,3 +127,14 @@ def test_with_the_supervisor_down_exec_sync_goes_to_the_runtime_at_once():
             assert await client.unary_unary(cri.EXEC_SYNC)(request, timeout=5) == request + b"!"
     d = tempfile.mkdtemp(prefix="we-cri-")
     asyncio.run(_through_proxy(check, endpoint=f"ipc://{d}/no-supervisor.sock"))
+
+
+def test_a_bad_metrics_address_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "warmexec.supervisor.cli", "cri", "--listen",
+                        f"unix://{tmp_path}/cri.sock", "--upstream", f"unix://{tmp_path}/up.sock",
+                        "--metrics-addr", "127.0.0.1:nope"], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert "warmexec cri: cannot serve metrics on '127.0.0.1:nope'" in r.stderr
+    assert "Traceback" not in r.stderr

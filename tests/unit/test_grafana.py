@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client import CollectorRegistry
 
+from warmexec.supervisor.cri_metrics import CriMetrics
 from warmexec.supervisor.metrics import Metrics
 
 from ..conftest import REPO
@@ -23,7 +24,7 @@ from ..conftest import REPO
 GRAFANA = os.path.join(REPO, "grafana")
 DASHBOARD = os.path.join(GRAFANA, "dashboards", "warmexec.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
-ROWS = ["Overview", "Latency", "Exit codes", "Errors", "Workers", "Probes", "Hooks"]
+ROWS = ["Overview", "Latency", "Exit codes", "Errors", "Workers", "Probes", "Hooks", "CRI"]
 METRIC = re.compile(r"warmexec_[a-z_]+")
 SELECTOR = re.compile(r"(warmexec_[a-z_]+)\{([^}]*)\}")
 MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*"')
@@ -89,7 +90,8 @@ def call_args(expr: str, start: int) -> str:
 
 
 def exported() -> dict[str, set[str]]:
-    """Sample name -> label names, from a private registry after one call of every recorder.
+    """Sample name -> label names, from a private registry after one call of every recorder
+    (the supervisor's and warmexec cri's, which a real Prometheus scrapes as two targets).
 
     Labelled metrics have no samples until a child exists, so each is touched once; the
     result is cross-checked against the families' declared types so nothing is missed.
@@ -113,6 +115,9 @@ def exported() -> dict[str, set[str]]:
     m.probe_result("alive", "c1", "success", 0.002, 0.0001)
     m.probe_transition("alive", "c1", "healthy")
     m.probe_skip("alive", "running")
+    cri = CriMetrics(registry)  # warmexec cri's own registry, here beside the supervisor's
+    cri.execsync("warm", "served", 0.001, "c1")
+    cri.upstream_kind("containerd")
     names: dict[str, set[str]] = {}
     declared: set[str] = set()
     for family in registry.collect():
@@ -188,7 +193,7 @@ def test_dashboard_queries_only_exported_metrics_and_labels():
     names = exported()
     used = queried_metrics(dash)
     assert used, "no metric found in the dashboard"
-    assert used <= set(names), f"not exported by the supervisor: {sorted(used - set(names))}"
+    assert used <= set(names), f"not exported by the supervisor or the CRI proxy: {sorted(used - set(names))}"
     # every warmexec metric is on the dashboard (the _sum/_count of histograms aside; the
     # standard process_*/python_* collectors are for generic process dashboards)
     wanted = {n for n in names if n.startswith("warmexec_") and not n.endswith(("_sum", "_count"))}

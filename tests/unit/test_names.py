@@ -25,6 +25,8 @@ def info(cid: str, source: str, labels: dict | None = None) -> Container:
     ("/run/containerd/runc/default", None, ("containerd", "default")),
     ("/run/containerd/runc/k8s.io", CRI, ("cri", "k8s.io")),
     ("/run/crun", None, ("crun", None)),
+    ("/run/crun", {"io.kubernetes.cri-o.ContainerType": "container"}, ("cri-o", None)),  # CRI-O's roots
+    ("/run/runc", {"io.kubernetes.cri-o.ContainerType": "sandbox"}, ("cri-o", None)),
     ("/run/runc", None, ("runc", None)),
     ("/var/run/elsewhere", {"bundle": "/run/containerd/io.containerd.runtime.v2.task/ns1/c"},
      ("containerd", "ns1")),
