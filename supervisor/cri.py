@@ -245,7 +245,7 @@ async def serve(listen: str, upstream: str, endpoint: str | None, kind: str | No
     metrics = CriMetrics()
     exporter = None
     if metrics_addr:
-        from .metrics import MetricsServer
+        from .httpserver import MetricsServer
         host, _, port = metrics_addr.rpartition(":")
         try:  # its own thread and loop, started from a thread as it starts its loop itself
             exporter = await asyncio.to_thread(MetricsServer, metrics.registry, host or "127.0.0.1",

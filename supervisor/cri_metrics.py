@@ -2,7 +2,7 @@
 
 The proxy is a process of its own with a registry of its own, served on its own
 ``--metrics-addr`` by the same bounded endpoint as the supervisor's
-(:class:`~warmexec.supervisor.metrics.MetricsServer`); the supervisor's metrics stay the
+(:class:`~warmexec.supervisor.httpserver.MetricsServer`); the supervisor's metrics stay the
 supervisor's. Labels are bounded: ``path`` is ``warm`` or ``upstream``, ``reason`` one
 of REASONS (never an id or a command).
 """
