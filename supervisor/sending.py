@@ -43,6 +43,7 @@ class Sender:
         self.count_error = count_error
         self.budget = ReplyBudget(self._send_tracked)
         self._flush: tuple[float, Timer] | None = None  # the next flush of self.budget
+        self.loopback_used = False  # set on each send there: its ZMQ_FD must be asked again
 
     def reply(self, envelope: list[bytes], msg: dict) -> None:
         data = codec.pack(msg)
@@ -91,6 +92,7 @@ class Sender:
     def _route(self, envelope: list[bytes]) -> tuple[zmq.Socket, list[bytes]]:
         """The socket a reply goes out on, and the envelope that routes it there."""
         if envelope and envelope[0] is LOOPBACK:
+            self.loopback_used = True
             return self.loopback, envelope[1:]
         return self.router, envelope
 

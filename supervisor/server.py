@@ -98,7 +98,8 @@ class Supervisor:
         if metrics is not None:
             metrics.watch(lambda: list(self.table.containers.values()))
         self.loop.add(self.router.getsockopt(zmq.FD), self._on_router)
-        self.loop.add(self.loopback.getsockopt(zmq.FD), self._on_router)
+        self.loop.add(self.loopback.getsockopt(zmq.FD), self._on_loopback)
+        self._loopback_due = True
         self.loop.add(self.watcher.fd, self._on_inotify)
         self.stopping = False
         self.backlog = False
@@ -215,7 +216,14 @@ class Supervisor:
         ``self.backlog`` tells the loop not to sleep while requests are left (ZMQ_FD is
         edge-triggered)."""
         left = self._drain(self.router, ())
-        self.backlog = self._drain(self.loopback, (LOOPBACK,)) or left
+        if self._loopback_due or self.sender.loopback_used:  # asked only when it may have news:
+            self.sender.loopback_used = False               # its fd fired, or we sent on it
+            self._loopback_due = self._drain(self.loopback, (LOOPBACK,))
+        self.backlog = left or self._loopback_due
+
+    def _on_loopback(self, mask: int) -> None:
+        self._loopback_due = True
+        self._on_router(mask)
 
     def _drain(self, sock: zmq.Socket, head: tuple[bytes, ...]) -> bool:
         """Serve up to BATCH requests from sock; True if some may be left."""
