@@ -103,6 +103,7 @@ class Relay:
         self.to_master = bytearray()  # from the supervisor, for the terminal
         self.masks: dict[int, int] = {}
         self.done: Callable[[], None] | None = None  # the exit report, once drained
+        self.ended = False  # the master read its end (EIO): no process holds the peer
         for fd in (master, stdin, out):
             if fd >= 0:
                 os.set_blocking(fd, False)
@@ -115,8 +116,10 @@ class Relay:
         """Poll each fd for what it can do now (first called by the owner, once set up)."""
         want = {}
         if self.master >= 0:
-            want[self.master] = ((select.POLLIN if len(self.to_out) < BUF and self.done is None else 0)
-                                 | (select.POLLOUT if self.to_master else 0))
+            live = not self.ended
+            reading = live and len(self.to_out) < BUF and self.done is None
+            want[self.master] = ((select.POLLIN if reading else 0)
+                                 | (select.POLLOUT if live and self.to_master else 0))
         if self.stdin >= 0:
             want[self.stdin] = select.POLLIN if len(self.to_master) < BUF else 0
         if self.out >= 0:
@@ -147,7 +150,7 @@ class Relay:
         self._settle()
 
     def _read_master(self, room: int) -> None:
-        while room > 0 and self.master >= 0:
+        while room > 0 and self.master >= 0 and not self.ended:
             try:
                 data = os.read(self.master, min(room, 65536))
             except BlockingIOError:
@@ -156,8 +159,9 @@ class Relay:
                 continue
             except OSError:  # EIO: no process holds the peer any more
                 data = b""
-            if not data:
-                self._close("master")
+            if not data:  # the peer is closed everywhere: kept open until the exit (closing
+                self.ended = True  # it now would hang up, SIGHUP, a command still exiting)
+                self.to_master.clear()
                 return
             self.to_out += data
             room -= len(data)
@@ -170,7 +174,8 @@ class Relay:
         except OSError:
             data = b""
         if data:
-            self.to_master += data
+            if not self.ended:  # nobody would read it
+                self.to_master += data
         else:  # the client's EOF: the terminal stays, as a closed docker -i leaves it
             self._close("stdin")
 

@@ -237,3 +237,12 @@ def test_a_process_left_holding_the_terminal_does_not_hold_the_exit(supervisor, 
         assert t.wait() == 2 and time.monotonic() - started < 10
     finally:
         t.close()
+
+
+def test_a_command_that_closes_its_terminal_is_not_hung_up_before_it_exits(client, container):
+    """Once no process holds the terminal's peer, its master reads EIO; closing the
+    master then would hang the terminal up and SIGHUP a command still on its way out
+    (a program closing its stdio before it exits was seen ending 129, killed by SIGHUP)."""
+    s = client.stream(container, ["sh", "-c", "exec 0<&- 1>&- 2>&-; sleep 0.5; exit 4"], tty=True)
+    list(s.events())
+    assert (s.result["exit_code"], s.result["signal"]) == (4, None), s.result
